@@ -1,0 +1,222 @@
+"""The prepared dataset: a Zarr v3 group with `train` and `test` subgroups.
+
+Each split holds `image` (uint8 [N,3,H,W]) and one target array per task of the source (`semseg`
+int16 [N,H,W] with -1 ignored, `depth` float32 [N,1,H,W] with 0 invalid, `normal` float32
+[N,3,H,W] with a zero vector invalid), chunked along the sample axis. The group attributes hold a
+`PreparedManifest` under the key "kdmtl", written last: a store without it is incomplete.
+"""
+
+import hashlib
+import json
+import shutil
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+from pydantic import ValidationError
+from torch.utils.data import Dataset
+from tqdm import tqdm
+from zarr.codecs import BloscCodec, Crc32cCodec
+
+from pipeline import __version__
+from pipeline.data.sources import ARRAY_LAYOUT, SPLITS, DataSource, array_shape
+from pipeline.errors import DataError
+from schemas.prepared import ArrayInfo, PreparedManifest, SplitInfo
+
+MANIFEST_KEY = "kdmtl"
+
+
+def default_codecs() -> list:
+    """Blosc zstd with byte shuffle, then a crc32c checksum so a corrupted chunk fails at read."""
+    return [BloscCodec(cname="zstd", clevel=5, shuffle="shuffle"), Crc32cCodec()]
+
+
+def replace_directory(new: Path, target: Path) -> None:
+    """Move the finished directory `new` to `target`, replacing what was there."""
+    if target.exists():
+        old = target.with_name(target.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+        new.rename(target)
+        shutil.rmtree(old)
+    else:
+        new.rename(target)
+
+
+def _fingerprint(class_names: list[str], digests: dict[str, tuple]) -> str:
+    record = json.dumps({"class_names": class_names, "arrays": digests}, sort_keys=True)
+    return hashlib.sha256(record.encode()).hexdigest()
+
+
+def _write_split(
+    group: zarr.Group, source: DataSource, split: str, chunk_size: int, bar: tqdm
+) -> tuple[SplitInfo, dict[str, tuple]]:
+    """Write one split chunk by chunk; returns its description and each array's content digest."""
+    count = source.num_samples(split)
+    height, width = source.config.height, source.config.width
+    arrays, hashes = {}, {}
+    for name in source.arrays:
+        shape = array_shape(name, count, height, width)
+        arrays[name] = group.create_array(
+            name,
+            shape=shape,
+            chunks=(chunk_size, *shape[1:]),
+            dtype=ARRAY_LAYOUT[name][1],
+            compressors=default_codecs(),
+            fill_value=0,
+        )
+        hashes[name] = hashlib.sha256()
+    for start in range(0, count, chunk_size):
+        stop = min(start + chunk_size, count)
+        block = source.read(split, start, stop)
+        for name, array in arrays.items():
+            values = np.ascontiguousarray(block[name], dtype=array.dtype)
+            if values.shape != (stop - start, *array.shape[1:]):
+                raise ValueError(f"{name}: source gave {values.shape}, not {array.shape}")
+            array[start:stop] = values
+            hashes[name].update(values.tobytes())
+        bar.update(stop - start)
+    info = SplitInfo(
+        num_samples=count,
+        arrays={
+            name: ArrayInfo(shape=list(a.shape), dtype=str(a.dtype), chunks=list(a.chunks))
+            for name, a in arrays.items()
+        },
+    )
+    digests = {
+        f"{split}/{name}": (list(a.shape), str(a.dtype), hashes[name].hexdigest())
+        for name, a in arrays.items()
+    }
+    return info, digests
+
+
+def write_prepared(
+    source: DataSource, path: Path, chunk_size: int, progress: bool = True
+) -> PreparedManifest:
+    """Write both splits of `source` to a new store at `path`.
+
+    The store is built beside `path` and moved into place only once complete, so an interrupted or
+    failed run leaves no store that a later step would trust.
+    """
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    total = sum(source.num_samples(split) for split in SPLITS)
+    try:
+        root = zarr.open_group(partial, mode="w", zarr_format=3)
+        splits, digests = {}, {}
+        with tqdm(total=total, desc="prepare", unit="sample", disable=not progress) as bar:
+            for split in SPLITS:
+                splits[split], split_digests = _write_split(
+                    root.create_group(split), source, split, chunk_size, bar
+                )
+                digests.update(split_digests)
+        class_names = list(source.class_names)
+        manifest = PreparedManifest(
+            source=source.name,
+            tasks=list(source.tasks),
+            class_names=class_names,
+            height=source.config.height,
+            width=source.config.width,
+            chunk_size=chunk_size,
+            splits=splits,
+            fingerprint=_fingerprint(class_names, digests),
+            kdmtl_version=__version__,
+        )
+        root.attrs[MANIFEST_KEY] = manifest.model_dump(mode="json")
+        replace_directory(partial, path)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return manifest
+
+
+@dataclass(frozen=True)
+class PreparedStore:
+    """An opened prepared dataset and its manifest."""
+
+    path: Path
+    manifest: PreparedManifest
+
+    def array(self, split: str, name: str) -> zarr.Array:
+        return zarr.open_array(self.path / split / name, mode="r")
+
+
+def open_prepared(path: Path) -> PreparedStore:
+    """Open a complete prepared store, or explain why it cannot be used."""
+    path = Path(path)
+    if not (path / "zarr.json").is_file():
+        raise DataError(f"no prepared dataset at {path}: run `kdmtl prepare` first")
+    attrs = zarr.open_group(path, mode="r").attrs.asdict()
+    if MANIFEST_KEY not in attrs:
+        raise DataError(f"{path} has no kdmtl manifest (incomplete?): run `kdmtl prepare` again")
+    try:
+        manifest = PreparedManifest.model_validate(attrs[MANIFEST_KEY])
+    except ValidationError as error:
+        raise DataError(f"{path} has an invalid manifest: {error.errors()[0]['msg']}") from None
+    return PreparedStore(path, manifest)
+
+
+class PreparedSplit(Dataset):
+    """One split of a prepared store as a torch Dataset.
+
+    Item i is a dict: `index` (i), `image` (float32 [3,H,W] in [0,1]) and, per task, its target:
+    `semseg` int64 [H,W] (-1 ignored), `depth` float32 [1,H,W], `normal` float32 [3,H,W].
+    Whole chunks are read and the last `cache_chunks` are kept, so reading in chunk order
+    decompresses each chunk once. Arrays are opened lazily in each process (safe with `spawn`).
+    """
+
+    def __init__(self, store: PreparedStore, split: str, tasks: list[str], cache_chunks: int = 2):
+        missing = [task for task in tasks if task not in store.manifest.tasks]
+        if missing:
+            raise DataError(
+                f"{store.path} has no {missing[0]!r} targets; it holds {store.manifest.tasks}"
+            )
+        self.store = store
+        self.split = split
+        self.names = ("image", *tasks)
+        self.chunk_size = store.manifest.chunk_size
+        self.cache_chunks = cache_chunks
+        self._arrays: dict[str, zarr.Array] | None = None
+        self._cache: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return self.store.manifest.splits[self.split].num_samples
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_arrays"], state["_cache"] = None, OrderedDict()
+        return state
+
+    def chunk(self, c: int) -> dict[str, np.ndarray]:
+        """Every array's values over chunk `c`."""
+        if c in self._cache:
+            self._cache.move_to_end(c)
+            return self._cache[c]
+        if self._arrays is None:
+            self._arrays = {name: self.store.array(self.split, name) for name in self.names}
+        start = c * self.chunk_size
+        block = {name: a[start : start + self.chunk_size] for name, a in self._arrays.items()}
+        self._cache[c] = block
+        if len(self._cache) > self.cache_chunks:
+            self._cache.popitem(last=False)
+        return block
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        block = self.chunk(index // self.chunk_size)
+        offset = index % self.chunk_size
+        item: dict[str, torch.Tensor | int] = {"index": index}
+        for name in self.names:
+            value = torch.from_numpy(block[name][offset].copy())
+            if name == "image":
+                value = value.float() / 255
+            elif name == "semseg":
+                value = value.long()
+            item[name] = value
+        return item

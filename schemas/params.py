@@ -1,0 +1,102 @@
+"""The params file: one model of the whole of `params.yaml`, every key with a default.
+
+Names that come from registries of the library (tasks, data sources) are checked against a
+validation context, `{"tasks": [...], "sources": {source: [tasks it provides]}}`, so that adding a
+task or a source never touches this file. Without a context those checks are skipped.
+"""
+
+import re
+from typing import Any
+
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+
+from schemas.base import Contract
+
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def _context(info: ValidationInfo) -> dict[str, Any]:
+    return info.context if isinstance(info.context, dict) else {}
+
+
+class DataParams(Contract):
+    """Which dataset to prepare and how."""
+
+    source: str = Field(
+        "scenes", description="Data source: scenes (built-in), nyuv2 or cityscapes."
+    )
+    root: str | None = Field(None, description="Folder of a real dataset; unused by scenes.")
+    seed: int = Field(0, ge=0, description="Seed of the built-in scenes; unused by real datasets.")
+    num_train: int | None = Field(
+        800, ge=1, description="Training samples; for real datasets the first N, null for all."
+    )
+    num_test: int | None = Field(
+        200, ge=1, description="Test samples; for real datasets the first N, null for all."
+    )
+    height: int = Field(48, ge=8, le=4096, description="Image height in pixels.")
+    width: int = Field(64, ge=8, le=4096, description="Image width in pixels.")
+    chunk_size: int = Field(
+        32, ge=1, le=4096, description="Samples per chunk: the grid shared by all Zarr stores."
+    )
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, value: str, info: ValidationInfo) -> str:
+        sources = _context(info).get("sources")
+        if sources is not None and value not in sources:
+            raise ValueError(f"{value!r} is not a data source; allowed: {', '.join(sources)}")
+        return value
+
+
+class PathParams(Contract):
+    """Where each stage writes, relative to the current directory."""
+
+    prepared: str = "data/prepared.zarr"
+    teachers: str = Field("models/teachers", description="Folder of TASK.pt teacher checkpoints.")
+    features: str = Field("features", description="Folder of TASK.zarr feature stores.")
+    student: str = "models/student.pt"
+    metrics: str = "metrics"
+    plots: str = "plots"
+
+
+class Params(Contract):
+    """The whole params file."""
+
+    seed: int = Field(0, ge=0, description="Seed of model initialisation and training order.")
+    device: str = Field(
+        "auto", description="auto (CUDA when present, else CPU), cpu, cuda or cuda:N."
+    )
+    tasks: list[str] = Field(["semseg", "depth", "normal"], min_length=1)
+    data: DataParams = DataParams()
+    paths: PathParams = PathParams()
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if not DEVICE_PATTERN.fullmatch(value):
+            raise ValueError(f"{value!r} is not a device; allowed: auto, cpu, cuda, cuda:N")
+        return value
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"tasks repeat a name: {value}")
+        known = _context(info).get("tasks")
+        if known is not None:
+            unknown = [task for task in value if task not in known]
+            if unknown:
+                raise ValueError(f"{unknown[0]!r} is not a task; allowed: {', '.join(known)}")
+        return value
+
+    @model_validator(mode="after")
+    def _tasks_in_source(self, info: ValidationInfo) -> "Params":
+        provided = _context(info).get("sources", {}).get(self.data.source)
+        if provided is not None:
+            missing = [task for task in self.tasks if task not in provided]
+            if missing:
+                raise ValueError(
+                    f"tasks: data source {self.data.source!r} has no {missing[0]!r} targets; "
+                    f"it provides {', '.join(provided)}"
+                )
+        return self

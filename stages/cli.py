@@ -1,0 +1,19 @@
+"""The `kdmtl` click group."""
+
+import click
+
+from stages import prepare
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="kdmtl")
+def main() -> None:
+    """kdmtl: knowledge distillation of single-task teachers into one multi-task network,
+    with teacher features cached in Zarr (Li and Bilen, 2020).
+
+    Every command reads ./params.yaml (or --params FILE) and writes where its params say.
+    """
+
+
+for module in (prepare,):
+    main.add_command(module.command)

@@ -1,0 +1,102 @@
+"""What every command shares: the --params option, params loading, and user-facing errors."""
+
+import errno
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from pipeline.data import SOURCES
+from pipeline.errors import KdmtlError
+from schemas.params import Params
+
+
+class UserError(click.ClickException):
+    """A mistake in the input: shown as one message, exit status 2, no traceback."""
+
+    exit_code = 2
+
+
+def validation_context() -> dict[str, Any]:
+    """Names the params may use, from the library's registries."""
+    return {
+        "tasks": sorted({task for name in SOURCES for task in SOURCES[name].tasks}),
+        "sources": {name: list(SOURCES[name].tasks) for name in SOURCES},
+    }
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    model: type[BaseModel] = Params
+    for key in loc:
+        annotation = model.model_fields[key].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def _describe(error: dict) -> str:
+    loc = tuple(error["loc"])
+    key = ".".join(str(part) for part in loc)
+    if error["type"] == "extra_forbidden":
+        return f"{key}: unknown key; allowed: {', '.join(_allowed_keys(loc[:-1]))}"
+    message = error["msg"].removeprefix("Value error, ")
+    value = error.get("input")
+    got = f" (got {value!r})" if isinstance(value, str | int | float | bool) else ""
+    return f"{key}: {message}{got}" if key else message
+
+
+def load_params(path: Path) -> Params:
+    """Read and validate a params file; any problem is a UserError naming the key."""
+    if not path.is_file():
+        raise UserError(f"{path} not found: run kdmtl in the project folder or pass --params FILE")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise UserError(f"{path} is not valid YAML: {error}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} must hold a mapping of keys, not {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw, context=validation_context())
+    except ValidationError as error:
+        problems = "\n  ".join(_describe(e) for e in error.errors())
+        raise UserError(f"invalid params in {path}:\n  {problems}") from None
+
+
+def params_option(command: Callable) -> Callable:
+    """Adds --params FILE, loaded and validated into a `params: Params` argument."""
+    return click.option(
+        "--params",
+        "params",
+        default="params.yaml",
+        show_default=True,
+        type=click.Path(dir_okay=False, path_type=Path),
+        callback=lambda _ctx, _param, value: load_params(value),
+        help="Parameters file; every output path is taken from it, relative to the current folder.",
+    )(command)
+
+
+def user_errors(command: Callable) -> Callable:
+    """Turns library errors caused by the input into one clear message and a non-zero exit."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except KdmtlError as error:
+            raise UserError(str(error)) from None
+        except OSError as error:
+            if error.errno == errno.ENOSPC:
+                raise click.ClickException(
+                    f"no space left on the device while writing {error.filename or 'outputs'}: "
+                    "free some space and run the command again"
+                ) from None
+            raise
+
+    return wrapper

@@ -1,0 +1,25 @@
+"""`kdmtl prepare`: write the chosen dataset to the prepared Zarr store (DVC stage `prepare`)."""
+
+from pathlib import Path
+
+import click
+
+from pipeline.data.prepared import write_prepared
+from pipeline.data.sources import make_source
+from schemas.params import Params
+from stages.common import params_option, user_errors
+
+
+@click.command("prepare")
+@params_option
+@user_errors
+def command(params: Params) -> None:
+    """Render or import the dataset into data/prepared.zarr (train and test splits)."""
+    path = Path(params.paths.prepared)
+    manifest = write_prepared(make_source(params.data), path, params.data.chunk_size)
+    counts = ", ".join(f"{split} {info.num_samples}" for split, info in manifest.splits.items())
+    click.echo(
+        f"wrote {path}: {manifest.source}, {counts} samples of {manifest.height}x{manifest.width}, "
+        f"{manifest.num_classes} classes, tasks {', '.join(manifest.tasks)}; "
+        f"fingerprint {manifest.fingerprint[:12]}"
+    )

@@ -1,0 +1,41 @@
+"""Shared fixtures: a tiny project folder with its params, and a runner for the `kdmtl` CLI."""
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner, Result
+
+from stages.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+
+TINY_PARAMS = {
+    "data": {"num_train": 12, "num_test": 6, "height": 16, "width": 24, "chunk_size": 4},
+}
+
+
+def write_params(folder: Path, params: dict, name: str = "params.yaml") -> Path:
+    path = folder / name
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """An empty project folder, made the current directory, with tiny params."""
+    write_params(tmp_path, TINY_PARAMS)
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    yield tmp_path
+    os.chdir(cwd)
+
+
+def kdmtl(*args: str) -> Result:
+    """Run the CLI in-process, as the console script would."""
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def files_under(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file())

@@ -1,0 +1,80 @@
+"""The command line as installed, the DVC pipeline, and the direction of imports between layers."""
+
+import ast
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO, kdmtl
+
+from pipeline.data.prepared import open_prepared
+from stages.cli import main
+
+BIN = Path(sys.executable).parent
+
+
+def run(*command: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = os.environ | {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_help_lists_every_command_with_a_description():
+    result = kdmtl("--help")
+    assert result.exit_code == 0
+    for name, command in main.commands.items():
+        assert name in result.output
+        assert command.get_short_help_str(), f"{name} has no description"
+        help_text = kdmtl(name, "--help").output
+        assert "--params" in help_text and "Parameters file" in help_text
+
+
+def test_the_console_script_is_installed(tmp_path: Path):
+    result = run(str(BIN / "kdmtl"), "--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "prepare" in result.stdout
+
+
+def copy_project(target: Path, data: dict) -> None:
+    """The repository's pipeline, with tiny data params."""
+    for name in ("pipeline", "stages", "schemas"):
+        shutil.copytree(REPO / name, target / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "dvc.yaml", target / "dvc.yaml")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"].update(data)
+    (target / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def test_dvc_repro_runs_prepare_and_then_is_a_no_op(tmp_path: Path):
+    copy_project(tmp_path, {"num_train": 8, "num_test": 4, "height": 16, "width": 16})
+    assert run(sys.executable, "-m", "dvc", "init", "--no-scm", "-q", cwd=tmp_path).returncode == 0
+    first = run(sys.executable, "-m", "dvc", "repro", cwd=tmp_path)
+    assert first.returncode == 0, first.stdout + first.stderr
+    store = open_prepared(tmp_path / "data" / "prepared.zarr")
+    assert store.manifest.splits["train"].num_samples == 8
+    second = run(sys.executable, "-m", "dvc", "repro", cwd=tmp_path)
+    assert second.returncode == 0
+    assert "didn't change, skipping" in second.stdout
+
+
+LAYERS = {"schemas": set(), "pipeline": {"schemas"}, "stages": {"pipeline", "schemas"}}
+
+
+@pytest.mark.parametrize("layer", list(LAYERS))
+def test_imports_point_one_way(layer: str):
+    ours = set(LAYERS)
+    for path in (REPO / layer).rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                if top in ours and top != layer:
+                    assert top in LAYERS[layer], f"{path} imports {name}"
