@@ -1,6 +1,6 @@
 """Time `kdmtl prepare` on the default params: median wall time over repeats.
 
-    python benchmarks/prepare.py [--repeats 3]
+python benchmarks/prepare.py [--repeats 3]
 """
 
 import statistics

@@ -6,9 +6,9 @@ task or a source never touches this file. Without a context those checks are ski
 """
 
 import re
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from schemas.base import Contract
 
@@ -48,6 +48,81 @@ class DataParams(Contract):
         return value
 
 
+class LoaderParams(Contract):
+    """How training reads its data."""
+
+    num_workers: int = Field(
+        0, ge=0, le=64, description="Reader processes (spawned); 0 reads in the training process."
+    )
+    buffer_chunks: int = Field(
+        4, ge=1, description="Chunks shuffled together: memory holds this many chunks at most."
+    )
+
+
+class ModelParams(Contract):
+    """A network of the SegNet family (or another registered architecture)."""
+
+    arch: str = "segnet"
+    filters: list[int] = Field(
+        [16, 32, 64, 128],
+        min_length=1,
+        description="Channels per level; the paper's are [64, 128, 256, 512, 512].",
+    )
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, value: str, info: ValidationInfo) -> str:
+        known = _context(info).get("architectures")
+        if known is not None and value not in known:
+            raise ValueError(f"{value!r} is not an architecture; allowed: {', '.join(known)}")
+        return value
+
+    @field_validator("filters")
+    @classmethod
+    def _positive(cls, value: list[int]) -> list[int]:
+        if min(value) < 1:
+            raise ValueError(f"filters must be positive, got {value}")
+        return value
+
+
+class TrainParams(Contract):
+    """Optimisation of one network: Adam, with a per-epoch learning-rate schedule."""
+
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    scheduler: Literal["cosine", "step", "none"] = "cosine"
+    step_size: int = Field(10, ge=1, description="Epochs between decays of the step scheduler.")
+    gamma: float = Field(0.5, gt=0, le=1, description="Decay factor of the step scheduler.")
+
+
+class TeacherParams(TrainParams):
+    """Training of the teachers; `overrides.TASK` changes keys for one teacher only, so that
+    changing one teacher's params does not retrain the others."""
+
+    overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _valid_overrides(self, info: ValidationInfo) -> "TeacherParams":
+        known = _context(info).get("tasks")
+        for task in self.overrides:
+            if known is not None and task not in known:
+                raise ValueError(f"overrides: {task!r} is not a task; allowed: {', '.join(known)}")
+            try:
+                self.for_task(task)
+            except ValidationError as error:
+                first = error.errors()[0]
+                key = ".".join(str(part) for part in first["loc"])
+                raise ValueError(f"overrides.{task}.{key}: {first['msg']}") from None
+        return self
+
+    def for_task(self, task: str) -> TrainParams:
+        """The training params of one teacher."""
+        base = self.model_dump(exclude={"overrides"})
+        return TrainParams.model_validate(base | self.overrides.get(task, {}))
+
+
 class PathParams(Contract):
     """Where each stage writes, relative to the current directory."""
 
@@ -68,6 +143,9 @@ class Params(Contract):
     )
     tasks: list[str] = Field(["semseg", "depth", "normal"], min_length=1)
     data: DataParams = DataParams()
+    loader: LoaderParams = LoaderParams()
+    model: ModelParams = ModelParams()
+    teacher: TeacherParams = TeacherParams()
     paths: PathParams = PathParams()
 
     @field_validator("device")
@@ -88,6 +166,16 @@ class Params(Contract):
             if unknown:
                 raise ValueError(f"{unknown[0]!r} is not a task; allowed: {', '.join(known)}")
         return value
+
+    @model_validator(mode="after")
+    def _image_fits_the_model(self) -> "Params":
+        levels = len(self.model.filters)
+        if min(self.data.height, self.data.width) < 2**levels:
+            raise ValueError(
+                f"data.height and data.width must be at least {2**levels}: model.filters has "
+                f"{levels} levels, each halving the image"
+            )
+        return self
 
     @model_validator(mode="after")
     def _tasks_in_source(self, info: ValidationInfo) -> "Params":

@@ -2,7 +2,7 @@
 
 import click
 
-from stages import prepare
+from stages import prepare, train_teacher
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -15,5 +15,5 @@ def main() -> None:
     """
 
 
-for module in (prepare,):
+for module in (prepare, train_teacher):
     main.add_command(module.command)

@@ -2,6 +2,8 @@
 
 import errno
 import functools
+import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,9 @@ from pydantic import BaseModel, ValidationError
 
 from pipeline.data import SOURCES
 from pipeline.errors import KdmtlError
+from pipeline.files import write_atomically
+from pipeline.models import ARCHITECTURES
+from pipeline.tasks import TASKS
 from schemas.params import Params
 
 
@@ -24,8 +29,9 @@ class UserError(click.ClickException):
 def validation_context() -> dict[str, Any]:
     """Names the params may use, from the library's registries."""
     return {
-        "tasks": sorted({task for name in SOURCES for task in SOURCES[name].tasks}),
+        "tasks": TASKS.names(),
         "sources": {name: list(SOURCES[name].tasks) for name in SOURCES},
+        "architectures": ARCHITECTURES.names(),
     }
 
 
@@ -69,6 +75,15 @@ def load_params(path: Path) -> Params:
         raise UserError(f"invalid params in {path}:\n  {problems}") from None
 
 
+def choose_task(task: str, params: Params) -> None:
+    """Check a task named on the command line against the params' tasks."""
+    if task not in params.tasks:
+        raise click.BadParameter(
+            f"{task!r} is not one of the tasks in the params: {', '.join(params.tasks)}",
+            param_hint="'--teacher'",
+        )
+
+
 def params_option(command: Callable) -> Callable:
     """Adds --params FILE, loaded and validated into a `params: Params` argument."""
     return click.option(
@@ -100,3 +115,18 @@ def user_errors(command: Callable) -> Callable:
             raise
 
     return wrapper
+
+
+def write_json(path: Path, value: object) -> None:
+    write_atomically(path, lambda partial: partial.write_text(json.dumps(value, indent=2) + "\n"))
+
+
+def write_curves(folder: Path, rows: list[dict[str, float]]) -> None:
+    """One JSON file per logged value, `[{"epoch": e, NAME: v}, ...]`: DVC plots a folder of
+    them as one chart per file."""
+    shutil.rmtree(folder, ignore_errors=True)
+    for name in rows[0]:
+        if name != "epoch":
+            write_json(
+                folder / f"{name}.json", [{"epoch": r["epoch"], name: r[name]} for r in rows]
+            )

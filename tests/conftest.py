@@ -13,6 +13,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 TINY_PARAMS = {
     "data": {"num_train": 12, "num_test": 6, "height": 16, "width": 24, "chunk_size": 4},
+    "model": {"filters": [4, 8]},
+    "teacher": {"epochs": 2, "batch_size": 4},
 }
 
 

@@ -38,26 +38,61 @@ def test_the_console_script_is_installed(tmp_path: Path):
     assert "prepare" in result.stdout
 
 
-def copy_project(target: Path, data: dict) -> None:
-    """The repository's pipeline, with tiny data params."""
+def copy_project(target: Path, changes: dict) -> None:
+    """The repository's pipeline, with `changes` merged into each params section."""
     for name in ("pipeline", "stages", "schemas"):
         shutil.copytree(REPO / name, target / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "dvc.yaml", target / "dvc.yaml")
+    write_repo_params(target, changes)
+
+
+def write_repo_params(target: Path, changes: dict) -> None:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["data"].update(data)
+    for section, values in changes.items():
+        params[section].update(values)
     (target / "params.yaml").write_text(yaml.safe_dump(params))
 
 
-def test_dvc_repro_runs_prepare_and_then_is_a_no_op(tmp_path: Path):
-    copy_project(tmp_path, {"num_train": 8, "num_test": 4, "height": 16, "width": 16})
-    assert run(sys.executable, "-m", "dvc", "init", "--no-scm", "-q", cwd=tmp_path).returncode == 0
-    first = run(sys.executable, "-m", "dvc", "repro", cwd=tmp_path)
-    assert first.returncode == 0, first.stdout + first.stderr
+def dvc(*args: str, cwd: Path) -> str:
+    result = run(sys.executable, "-m", "dvc", *args, cwd=cwd)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+TINY = {
+    "data": {"num_train": 8, "num_test": 4, "height": 16, "width": 16, "chunk_size": 4},
+    "model": {"filters": [4, 8]},
+    "teacher": {"epochs": 1, "batch_size": 4},
+}
+
+
+def test_dvc_repro_runs_the_pipeline_and_reruns_only_what_changed(tmp_path: Path):
+    copy_project(tmp_path, TINY)
+    dvc("init", "--no-scm", "-q", cwd=tmp_path)
+    first = dvc("repro", cwd=tmp_path)
+    for stage in ("prepare", "train_teacher@semseg", "train_teacher@depth", "train_teacher@normal"):
+        assert f"Running stage '{stage}'" in first
     store = open_prepared(tmp_path / "data" / "prepared.zarr")
     assert store.manifest.splits["train"].num_samples == 8
-    second = run(sys.executable, "-m", "dvc", "repro", cwd=tmp_path)
-    assert second.returncode == 0
-    assert "didn't change, skipping" in second.stdout
+    assert {p.name for p in (tmp_path / "models" / "teachers").iterdir()} == {
+        "semseg.pt",
+        "depth.pt",
+        "normal.pt",
+    }
+
+    assert "didn't change, skipping" in dvc("repro", cwd=tmp_path)
+    metrics = dvc("metrics", "show", cwd=tmp_path)
+    assert "metrics/teachers/depth.json" in metrics and "test.mIoU" in metrics
+    dvc("plots", "show", cwd=tmp_path)
+    html = (tmp_path / "dvc_plots" / "index.html").read_text()
+    assert "plots/teachers/normal/test_mean_angle.json" in html
+
+    teacher = TINY["teacher"] | {"overrides": {"semseg": {}, "depth": {"lr": 0.01}, "normal": {}}}
+    write_repo_params(tmp_path, TINY | {"teacher": teacher})
+    again = dvc("repro", cwd=tmp_path)
+    assert "Running stage 'train_teacher@depth'" in again
+    assert "Running stage 'train_teacher@semseg'" not in again
+    assert "Running stage 'train_teacher@normal'" not in again
 
 
 LAYERS = {"schemas": set(), "pipeline": {"schemas"}, "stages": {"pipeline", "schemas"}}

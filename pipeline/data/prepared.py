@@ -13,6 +13,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
+import dask.array as da
 import numpy as np
 import torch
 import zarr
@@ -24,6 +25,8 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 from pipeline import __version__
 from pipeline.data.sources import ARRAY_LAYOUT, SPLITS, DataSource, array_shape
 from pipeline.errors import DataError
+from pipeline.files import replace_directory
+from schemas.params import DataParams
 from schemas.prepared import ArrayInfo, PreparedManifest, SplitInfo
 
 MANIFEST_KEY = "kdmtl"
@@ -32,18 +35,6 @@ MANIFEST_KEY = "kdmtl"
 def default_codecs() -> list:
     """Blosc zstd with byte shuffle, then a crc32c checksum so a corrupted chunk fails at read."""
     return [BloscCodec(cname="zstd", clevel=5, shuffle="shuffle"), Crc32cCodec()]
-
-
-def replace_directory(new: Path, target: Path) -> None:
-    """Move the finished directory `new` to `target`, replacing what was there."""
-    if target.exists():
-        old = target.with_name(target.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        target.rename(old)
-        new.rename(target)
-        shutil.rmtree(old)
-    else:
-        new.rename(target)
 
 
 def _fingerprint(class_names: list[str], digests: dict[str, tuple]) -> str:
@@ -145,6 +136,32 @@ class PreparedStore:
     def array(self, split: str, name: str) -> zarr.Array:
         return zarr.open_array(self.path / split / name, mode="r")
 
+    def dask(self, split: str, name: str) -> da.Array:
+        """A lazy array, chunked as stored."""
+        return da.from_zarr(self.array(split, name))
+
+    def check_matches(self, data: DataParams) -> None:
+        """Refuse a store prepared with other data params than the current ones."""
+        m = self.manifest
+        wanted = {"source": data.source, "height": data.height, "width": data.width}
+        wanted["chunk_size"] = data.chunk_size
+        held = {"source": m.source, "height": m.height, "width": m.width}
+        held["chunk_size"] = m.chunk_size
+        for split, count in (("train", data.num_train), ("test", data.num_test)):
+            if data.source == "scenes" or count is not None:
+                wanted[f"num_{split}"] = count
+                held[f"num_{split}"] = m.splits[split].num_samples
+        differ = [
+            f"{key} {held[key]} (params: {wanted[key]})"
+            for key in wanted
+            if held[key] != wanted[key]
+        ]
+        if differ:
+            raise DataError(
+                f"{self.path} was prepared with other data params: {', '.join(differ)}; "
+                "run `kdmtl prepare` again"
+            )
+
 
 def open_prepared(path: Path) -> PreparedStore:
     """Open a complete prepared store, or explain why it cannot be used."""
@@ -162,12 +179,12 @@ def open_prepared(path: Path) -> PreparedStore:
 
 
 class PreparedSplit(Dataset):
-    """One split of a prepared store as a torch Dataset.
+    """One split of a prepared store: a torch Dataset, and a ChunkSource for `ChunkStream`.
 
-    Item i is a dict: `index` (i), `image` (float32 [3,H,W] in [0,1]) and, per task, its target:
+    A sample is a dict: `index`, `image` (float32 [3,H,W] in [0,1]) and, per task, its target:
     `semseg` int64 [H,W] (-1 ignored), `depth` float32 [1,H,W], `normal` float32 [3,H,W].
-    Whole chunks are read and the last `cache_chunks` are kept, so reading in chunk order
-    decompresses each chunk once. Arrays are opened lazily in each process (safe with `spawn`).
+    Whole chunks are read and the last `cache_chunks` kept, so reading in chunk order decompresses
+    each chunk once. Arrays are opened lazily in each process (safe with `spawn` workers).
     """
 
     def __init__(self, store: PreparedStore, split: str, tasks: list[str], cache_chunks: int = 2):
@@ -192,31 +209,34 @@ class PreparedSplit(Dataset):
         state["_arrays"], state["_cache"] = None, OrderedDict()
         return state
 
-    def chunk(self, c: int) -> dict[str, np.ndarray]:
-        """Every array's values over chunk `c`."""
-        if c in self._cache:
-            self._cache.move_to_end(c)
-            return self._cache[c]
+    def read_chunk(self, chunk: int) -> dict[str, np.ndarray]:
+        """Every sample of chunk `chunk`, as arrays with a leading sample axis."""
         if self._arrays is None:
             self._arrays = {name: self.store.array(self.split, name) for name in self.names}
-        start = c * self.chunk_size
-        block = {name: a[start : start + self.chunk_size] for name, a in self._arrays.items()}
-        self._cache[c] = block
-        if len(self._cache) > self.cache_chunks:
-            self._cache.popitem(last=False)
+        start = chunk * self.chunk_size
+        stop = min(start + self.chunk_size, len(self))
+        block = {"index": np.arange(start, stop)}
+        for name, array in self._arrays.items():
+            values = array[start:stop]
+            if name == "image":
+                values = values.astype(np.float32) / np.float32(255)
+            elif name == "semseg":
+                values = values.astype(np.int64)
+            block[name] = values
         return block
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
+    def _cached_chunk(self, chunk: int) -> dict[str, np.ndarray]:
+        if chunk in self._cache:
+            self._cache.move_to_end(chunk)
+        else:
+            self._cache[chunk] = self.read_chunk(chunk)
+            if len(self._cache) > self.cache_chunks:
+                self._cache.popitem(last=False)
+        return self._cache[chunk]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if not 0 <= index < len(self):
             raise IndexError(index)
-        block = self.chunk(index // self.chunk_size)
+        block = self._cached_chunk(index // self.chunk_size)
         offset = index % self.chunk_size
-        item: dict[str, torch.Tensor | int] = {"index": index}
-        for name in self.names:
-            value = torch.from_numpy(block[name][offset].copy())
-            if name == "image":
-                value = value.float() / 255
-            elif name == "semseg":
-                value = value.long()
-            item[name] = value
-        return item
+        return {name: torch.as_tensor(values[offset]) for name, values in block.items()}

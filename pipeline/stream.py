@@ -1,0 +1,112 @@
+"""Batches streamed from chunked stores, reading each chunk once per epoch.
+
+A `ChunkStream` walks the chunks of a `ChunkSource` (all arrays of a source share one chunk grid
+along the sample axis), shuffles the chunk order each epoch, and shuffles samples within a bounded
+buffer of chunks. Memory holds at most `buffer_chunks` chunks, whatever the dataset size. Under a
+DataLoader with worker processes, each worker takes every k-th chunk and opens its stores lazily.
+"""
+
+from collections.abc import Iterator
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+
+class ChunkSource(Protocol):
+    """Arrays on one chunk grid: `read_chunk(c)` returns every array's values over chunk c."""
+
+    chunk_size: int
+
+    def __len__(self) -> int: ...
+
+    def read_chunk(self, chunk: int) -> dict[str, np.ndarray]: ...
+
+
+Batch = dict[str, torch.Tensor]
+
+
+class ChunkStream(IterableDataset):
+    """Shuffled (or ordered) batches from a ChunkSource.
+
+    The epoch number advances at each pass, so that worker processes kept alive across epochs
+    shuffle alike without being told; `seed` and the epoch fix the order.
+    """
+
+    def __init__(
+        self,
+        source: ChunkSource,
+        batch_size: int,
+        shuffle: bool,
+        seed: int = 0,
+        buffer_chunks: int = 4,
+        drop_last: bool = False,
+    ) -> None:
+        self.source = source
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.buffer_chunks = buffer_chunks
+        self.drop_last = drop_last
+        self.epoch = 0
+
+    @property
+    def num_chunks(self) -> int:
+        return -(-len(self.source) // self.source.chunk_size)
+
+    def __len__(self) -> int:
+        """Batches per epoch (exact with one worker; an upper bound with several)."""
+        full, rest = divmod(len(self.source), self.batch_size)
+        return full + (1 if rest and not self.drop_last else 0)
+
+    def chunk_order(self, epoch: int) -> np.ndarray:
+        chunks = np.arange(self.num_chunks)
+        if self.shuffle:
+            return np.random.default_rng([self.seed, epoch]).permutation(chunks)
+        return chunks
+
+    def __iter__(self) -> Iterator[Batch]:
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        rng = np.random.default_rng([self.seed, epoch, 1])
+        chunks = self.chunk_order(epoch)
+        worker = get_worker_info()
+        if worker is not None:
+            chunks = chunks[worker.id :: worker.num_workers]
+        pending: dict[str, np.ndarray] | None = None
+        for first in range(0, len(chunks), self.buffer_chunks):
+            group = chunks[first : first + self.buffer_chunks]
+            blocks = [self.source.read_chunk(int(c)) for c in group]
+            if pending is not None:
+                blocks.insert(0, pending)
+            merged = {name: np.concatenate([b[name] for b in blocks]) for name in blocks[0]}
+            count = len(next(iter(merged.values())))
+            order = rng.permutation(count) if self.shuffle else np.arange(count)
+            whole = count - count % self.batch_size
+            for start in range(0, whole, self.batch_size):
+                yield _to_tensors(merged, order[start : start + self.batch_size])
+            pending = {name: values[order[whole:]] for name, values in merged.items()}
+        if pending is not None and len(next(iter(pending.values()))) and not self.drop_last:
+            yield _to_tensors(pending, slice(None))
+
+
+def _to_tensors(arrays: dict[str, np.ndarray], rows) -> Batch:
+    return {
+        name: torch.from_numpy(np.ascontiguousarray(values[rows]))
+        for name, values in arrays.items()
+    }
+
+
+def make_loader(stream: ChunkStream, num_workers: int) -> DataLoader:
+    """A DataLoader over a stream: workers start with `spawn` (zarr runs an asyncio loop on a
+    thread, which must not be forked), stay alive across epochs and read ahead of training."""
+    if num_workers == 0:
+        return DataLoader(stream, batch_size=None)
+    return DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=num_workers,
+        multiprocessing_context="spawn",
+        persistent_workers=True,
+        prefetch_factor=4,
+    )

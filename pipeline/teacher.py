@@ -1,0 +1,86 @@
+"""Training of one single-task teacher."""
+
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.data.prepared import PreparedSplit, PreparedStore
+from pipeline.models import Architecture, build_model
+from pipeline.stream import ChunkStream, make_loader
+from pipeline.tasks import make_tasks
+from pipeline.training import (
+    Batch,
+    Metrics,
+    evaluate,
+    evaluate_constant,
+    fit,
+    make_optimizer,
+    make_scheduler,
+)
+from schemas.params import LoaderParams, ModelParams, TrainParams
+
+
+@dataclass
+class TeacherResult:
+    model: Architecture
+    history: list[dict[str, float]]
+    test_metrics: dict[str, float]
+    baseline_metrics: dict[str, float]
+
+
+def train_teacher(
+    store: PreparedStore,
+    task_name: str,
+    model_params: ModelParams,
+    train: TrainParams,
+    loader: LoaderParams,
+    seed: int,
+    device: torch.device,
+    progress: bool = True,
+) -> TeacherResult:
+    """Train a one-head network on `task_name` and evaluate it, and the trivial baseline, on test.
+
+    The returned model is the last epoch's: nothing is chosen by looking at the test split.
+    """
+    task = make_tasks([task_name], store.manifest.num_classes)[task_name]
+    torch.manual_seed(seed)
+    model = build_model(model_params.arch, model_params.filters, {task_name: task.channels})
+    model.to(device).train()
+    train_stream = ChunkStream(
+        PreparedSplit(store, "train", [task_name]),
+        train.batch_size,
+        shuffle=True,
+        seed=seed,
+        buffer_chunks=loader.buffer_chunks,
+    )
+    test_stream = ChunkStream(
+        PreparedSplit(store, "test", [task_name]), train.batch_size, shuffle=False
+    )
+    test_batches = make_loader(test_stream, num_workers=0)
+    optimizer = make_optimizer(model.parameters(), train)
+
+    def step(batch: Batch) -> dict[str, float]:
+        loss = task.loss(model(batch["image"]).predictions[task_name], batch[task_name])
+        loss.backward()
+        return {"loss": loss.item()}
+
+    last: Metrics = {}
+
+    def end_of_epoch(_epoch: int) -> dict[str, float]:
+        last.update(evaluate(model, {task_name: task}, test_batches, device))
+        return {f"test_{task.main_metric}": last[task_name][task.main_metric]}
+
+    history = fit(
+        step,
+        make_loader(train_stream, loader.num_workers),
+        train.epochs,
+        [optimizer],
+        [make_scheduler(optimizer, train)],
+        device,
+        end_of_epoch,
+        description=f"teacher {task_name}",
+        progress=progress,
+    )
+    baseline = task.baseline_output(store.dask("train", task_name))
+    baseline_metrics = evaluate_constant({task_name: task}, {task_name: baseline}, test_batches)
+    return TeacherResult(model, history.rows, last[task_name], baseline_metrics[task_name])

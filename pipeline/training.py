@@ -1,0 +1,138 @@
+"""Training and evaluation loops shared by teachers and the student."""
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from pipeline.errors import KdmtlError
+from pipeline.models import Architecture
+from pipeline.tasks import Task
+from schemas.params import TrainParams
+
+Batch = dict[str, torch.Tensor]
+Metrics = dict[str, dict[str, float]]  # task -> metric -> value
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` is CUDA when present, else CPU; asking for CUDA without it is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise KdmtlError(f"device is {name!r} but no CUDA device is available; use auto or cpu")
+    return torch.device(name)
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    return {name: value.to(device, non_blocking=True) for name, value in batch.items()}
+
+
+def make_optimizer(
+    parameters: Iterable[nn.Parameter], config: TrainParams
+) -> torch.optim.Optimizer:
+    return torch.optim.Adam(parameters, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, config: TrainParams
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Stepped once per epoch."""
+    if config.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    if config.scheduler == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, config.step_size, config.gamma)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _epoch: 1.0)
+
+
+@torch.no_grad()
+def evaluate(
+    model: Architecture, tasks: dict[str, Task], batches: Iterable[Batch], device: torch.device
+) -> Metrics:
+    """Every task's metrics over all batches, with the model in eval mode."""
+    was_training = model.training
+    model.eval()
+    meters = {name: task.meter() for name, task in tasks.items()}
+    for batch in batches:
+        batch = to_device(batch, device)
+        predictions = model(batch["image"]).predictions
+        for name, task in tasks.items():
+            meters[name].update(task.predict(predictions[name]), batch[name])
+    model.train(was_training)
+    return {name: meter.compute() for name, meter in meters.items()}
+
+
+@torch.no_grad()
+def evaluate_constant(
+    tasks: dict[str, Task], outputs: dict[str, torch.Tensor], batches: Iterable[Batch]
+) -> Metrics:
+    """Metrics of a prediction that is the same raw output [C, 1, 1] at every pixel."""
+    meters = {name: task.meter() for name, task in tasks.items()}
+    for batch in batches:
+        batch_size, _, height, width = batch["image"].shape
+        for name, task in tasks.items():
+            output = outputs[name].expand(batch_size, -1, height, width)
+            meters[name].update(task.predict(output), batch[name])
+    return {name: meter.compute() for name, meter in meters.items()}
+
+
+@dataclass
+class History:
+    """One row of logged values per epoch."""
+
+    rows: list[dict[str, float]] = field(default_factory=list)
+
+
+def fit(
+    step: Callable[[Batch], dict[str, float]],
+    batches: Iterable[Batch],
+    epochs: int,
+    optimizers: list[torch.optim.Optimizer],
+    schedulers: list[torch.optim.lr_scheduler.LRScheduler],
+    device: torch.device,
+    end_of_epoch: Callable[[int], dict[str, float]],
+    description: str,
+    progress: bool = True,
+) -> History:
+    """Run `epochs` passes over `batches`.
+
+    `step(batch)` computes the losses of one batch and their gradients and returns the values to
+    log; `fit` zeroes the gradients before and steps the optimizers after it. `end_of_epoch(epoch)`
+    returns further values for the epoch's row (a test metric, say). Each epoch shows a progress
+    bar with the running means and ends with a one-line summary.
+    """
+    history = History()
+    for epoch in range(1, epochs + 1):
+        started = time.perf_counter()
+        sums: dict[str, float] = {}
+        count = 0
+        with tqdm(
+            batches, desc=f"{description} {epoch}/{epochs}", leave=False, disable=not progress
+        ) as bar:
+            for batch in bar:
+                for optimizer in optimizers:
+                    optimizer.zero_grad(set_to_none=True)
+                values = step(to_device(batch, device))
+                if not all(math.isfinite(v) for v in values.values()):
+                    raise KdmtlError(
+                        f"{description}: the loss became {values} in epoch {epoch}; "
+                        "lower the learning rate"
+                    )
+                for optimizer in optimizers:
+                    optimizer.step()
+                count += 1
+                for name, value in values.items():
+                    sums[name] = sums.get(name, 0.0) + value
+                bar.set_postfix({name: f"{total / count:.4f}" for name, total in sums.items()})
+        for scheduler in schedulers:
+            scheduler.step()
+        row = {"epoch": epoch} | {name: total / max(count, 1) for name, total in sums.items()}
+        row |= end_of_epoch(epoch)
+        history.rows.append(row)
+        summary = ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "epoch")
+        seconds = time.perf_counter() - started
+        tqdm.write(f"{description} epoch {epoch}/{epochs}: {summary} ({seconds:.1f} s)")
+    return history

@@ -1,0 +1,100 @@
+"""ChunkStream: every sample once per epoch, each chunk read once, bounded memory, reproducible."""
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.stream import ChunkStream, make_loader
+
+
+class CountingSource:
+    """A ChunkSource over arange(n) that counts its chunk reads."""
+
+    def __init__(self, num_samples: int, chunk_size: int) -> None:
+        self.num_samples = num_samples
+        self.chunk_size = chunk_size
+        self.reads: list[int] = []
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def read_chunk(self, chunk: int) -> dict[str, np.ndarray]:
+        self.reads.append(chunk)
+        start = chunk * self.chunk_size
+        index = np.arange(start, min(start + self.chunk_size, self.num_samples))
+        return {"index": index, "value": index.astype(np.float32) * 2}
+
+
+def epoch_indices(stream: ChunkStream) -> list[int]:
+    return [i for batch in stream for i in batch["index"].tolist()]
+
+
+@pytest.mark.parametrize(
+    ("num_samples", "chunk_size", "batch_size"), [(37, 5, 4), (40, 8, 8), (3, 4, 2)]
+)
+def test_each_sample_once_and_each_chunk_read_once_per_epoch(num_samples, chunk_size, batch_size):
+    source = CountingSource(num_samples, chunk_size)
+    stream = ChunkStream(source, batch_size, shuffle=True, seed=3, buffer_chunks=2)
+    for _epoch in range(3):
+        source.reads.clear()
+        batches = list(stream)
+        indices = [i for b in batches for i in b["index"].tolist()]
+        assert sorted(indices) == list(range(num_samples))
+        assert sorted(source.reads) == list(range(-(-num_samples // chunk_size)))
+        assert all(len(b["index"]) == batch_size for b in batches[:-1])
+        assert len(batches) == len(stream)
+        for b in batches:  # arrays stay aligned within a batch
+            assert torch.equal(b["value"], b["index"].float() * 2)
+
+
+def test_shuffling_mixes_within_the_buffer_and_changes_each_epoch():
+    stream = ChunkStream(CountingSource(64, 8), 4, shuffle=True, seed=0, buffer_chunks=2)
+    first, second = epoch_indices(stream), epoch_indices(stream)
+    assert first != second and first != list(range(64))
+    # With a buffer of 2 chunks, the first 16 samples come from just two chunks.
+    assert len({i // 8 for i in first[:16]}) == 2
+
+
+def test_the_same_seed_gives_the_same_order():
+    first = epoch_indices(ChunkStream(CountingSource(30, 4), 3, True, seed=7))
+    again = epoch_indices(ChunkStream(CountingSource(30, 4), 3, True, seed=7))
+    other = epoch_indices(ChunkStream(CountingSource(30, 4), 3, True, seed=8))
+    assert first == again != other
+
+
+def test_unshuffled_streams_keep_the_order_and_drop_last_drops_the_rest():
+    assert epoch_indices(ChunkStream(CountingSource(10, 3), 4, shuffle=False)) == list(range(10))
+    stream = ChunkStream(CountingSource(10, 3), 4, shuffle=False, drop_last=True)
+    assert epoch_indices(stream) == list(range(8))
+    assert len(stream) == 2
+
+
+def test_memory_is_bounded_by_the_buffer():
+    """The largest block concatenated holds at most buffer_chunks chunks plus a partial batch."""
+    source = CountingSource(1000, 10)
+    stream = ChunkStream(source, 7, shuffle=True, buffer_chunks=3)
+    largest = 0
+    original = np.concatenate
+
+    def spy(arrays, *args, **kwargs):
+        nonlocal largest
+        result = original(arrays, *args, **kwargs)
+        largest = max(largest, len(result))
+        return result
+
+    np.concatenate = spy
+    try:
+        epoch_indices(stream)
+    finally:
+        np.concatenate = original
+    assert largest < 3 * 10 + 7
+
+
+def test_spawned_workers_split_the_chunks_and_keep_shuffling_across_epochs():
+    stream = ChunkStream(CountingSource(48, 4), 4, shuffle=True, seed=1)
+    loader = make_loader(stream, num_workers=2)
+    assert loader.multiprocessing_context.get_start_method() == "spawn"
+    epochs = [[i for b in loader for i in b["index"].tolist()] for _ in range(2)]
+    for indices in epochs:
+        assert sorted(indices) == list(range(48))
+    assert epochs[0] != epochs[1]
