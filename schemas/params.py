@@ -38,6 +38,9 @@ class DataParams(Contract):
     chunk_size: int = Field(
         32, ge=1, le=4096, description="Samples per chunk: the grid shared by all Zarr stores."
     )
+    augment: bool = Field(
+        False, description="Random scale-crop and flip views for distillation (off in the paper)."
+    )
 
     @field_validator("source")
     @classmethod
@@ -123,6 +126,34 @@ class TeacherParams(TrainParams):
         return TrainParams.model_validate(base | self.overrides.get(task, {}))
 
 
+MANTISSA_BITS = {"float16": 10, "float32": 23}
+
+
+class FeatureParams(Contract):
+    """How teacher features are cached."""
+
+    dtype: Literal["float16", "float32"] = "float16"
+    keep_bits: int | None = Field(
+        None, ge=1, description="Mantissa bits kept by BitRound before compression; null: all."
+    )
+    compressor: Literal["zstd", "lz4", "lz4hc", "blosclz", "zlib"] = "zstd"
+    clevel: int = Field(1, ge=0, le=9, description="Blosc compression level.")
+    shard_chunks: int = Field(4, ge=1, description="Chunks per shard file.")
+    views: int = Field(1, ge=1, description="Cached augmentation views per sample.")
+    seed: int = Field(0, ge=0, description="Seed of the cached views.")
+    batch_size: int = Field(64, ge=1, description="Teacher batch size during extraction.")
+
+    @model_validator(mode="after")
+    def _keep_bits_fit_the_dtype(self) -> "FeatureParams":
+        bits = MANTISSA_BITS[self.dtype]
+        if self.keep_bits is not None and self.keep_bits >= bits:
+            raise ValueError(
+                f"keep_bits must be below the {bits} mantissa bits of {self.dtype} "
+                f"(got {self.keep_bits}); use null to keep them all"
+            )
+        return self
+
+
 class PathParams(Contract):
     """Where each stage writes, relative to the current directory."""
 
@@ -146,6 +177,7 @@ class Params(Contract):
     loader: LoaderParams = LoaderParams()
     model: ModelParams = ModelParams()
     teacher: TeacherParams = TeacherParams()
+    features: FeatureParams = FeatureParams()
     paths: PathParams = PathParams()
 
     @field_validator("device")
@@ -174,6 +206,15 @@ class Params(Contract):
             raise ValueError(
                 f"data.height and data.width must be at least {2**levels}: model.filters has "
                 f"{levels} levels, each halving the image"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _views_need_augmentation(self) -> "Params":
+        if self.features.views > 1 and not self.data.augment:
+            raise ValueError(
+                "features.views > 1 needs data.augment: true (without augmentation every view "
+                "is the same image)"
             )
         return self
 

@@ -2,7 +2,7 @@
 
 import click
 
-from stages import prepare, train_teacher
+from stages import extract_features, inspect_store, prepare, train_teacher, verify_store
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -15,5 +15,5 @@ def main() -> None:
     """
 
 
-for module in (prepare, train_teacher):
+for module in (prepare, train_teacher, extract_features, inspect_store, verify_store):
     main.add_command(module.command)

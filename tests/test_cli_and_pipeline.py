@@ -7,11 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pytest
 import yaml
 from conftest import REPO, kdmtl
 
 from pipeline.data.prepared import open_prepared
+from pipeline.features import FeatureStore
 from stages.cli import main
 
 BIN = Path(sys.executable).parent
@@ -29,7 +31,14 @@ def test_help_lists_every_command_with_a_description():
         assert name in result.output
         assert command.get_short_help_str(), f"{name} has no description"
         help_text = kdmtl(name, "--help").output
-        assert "--params" in help_text and "Parameters file" in help_text
+        for option in command.params:
+            if isinstance(option, click.Option):
+                assert option.help, f"{name} {option.name} has no help"
+                assert option.opts[0] in help_text
+    reading_params = {
+        n for n, c in main.commands.items() if any(p.name == "params" for p in c.params)
+    }
+    assert reading_params == set(main.commands) - {"inspect"}
 
 
 def test_the_console_script_is_installed(tmp_path: Path):
@@ -70,8 +79,10 @@ def test_dvc_repro_runs_the_pipeline_and_reruns_only_what_changed(tmp_path: Path
     copy_project(tmp_path, TINY)
     dvc("init", "--no-scm", "-q", cwd=tmp_path)
     first = dvc("repro", cwd=tmp_path)
-    for stage in ("prepare", "train_teacher@semseg", "train_teacher@depth", "train_teacher@normal"):
-        assert f"Running stage '{stage}'" in first
+    for task in ("semseg", "depth", "normal"):
+        for stage in ("train_teacher", "extract_features"):
+            assert f"Running stage '{stage}@{task}'" in first
+    assert FeatureStore.open(tmp_path / "features" / "normal.zarr").manifest.complete
     store = open_prepared(tmp_path / "data" / "prepared.zarr")
     assert store.manifest.splits["train"].num_samples == 8
     assert {p.name for p in (tmp_path / "models" / "teachers").iterdir()} == {
@@ -91,6 +102,7 @@ def test_dvc_repro_runs_the_pipeline_and_reruns_only_what_changed(tmp_path: Path
     write_repo_params(tmp_path, TINY | {"teacher": teacher})
     again = dvc("repro", cwd=tmp_path)
     assert "Running stage 'train_teacher@depth'" in again
+    assert "Running stage 'extract_features@depth'" in again
     assert "Running stage 'train_teacher@semseg'" not in again
     assert "Running stage 'train_teacher@normal'" not in again
 

@@ -1,0 +1,172 @@
+"""Looking into feature stores: out-of-core statistics with dask, and verification."""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import dask
+import dask.array as da
+import numpy as np
+import torch
+
+from pipeline.data.prepared import PreparedStore
+from pipeline.errors import DataError
+from pipeline.features import SPLIT, FeatureStore, teacher_features
+from pipeline.models import FEATURES, Architecture
+from schemas.params import MANTISSA_BITS
+
+
+def lazy_feature(store: FeatureStore, name: str) -> da.Array:
+    """A feature as a lazy dask array, one block per shard (dask would otherwise take the small
+    inner chunks of a sharded array as its blocks)."""
+    array = store.array(name)
+    return da.from_zarr(array, chunks=array.shards or array.chunks)
+
+
+def bytes_on_disk(folder: Path) -> int:
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+def summarize(store: FeatureStore) -> dict:
+    """Per feature: layout, codecs, sizes and value statistics, computed shard by shard in
+    float64 (float16 sums overflow), so memory stays flat whatever the store's size."""
+    manifest = store.manifest
+    done = len(store.done_shards())
+    summary = {
+        "path": str(store.path),
+        "task": manifest.task,
+        "samples": manifest.num_samples,
+        "views": manifest.views.views,
+        "augment": manifest.views.augment,
+        "shards_complete": done,
+        "shards": manifest.num_shards,
+        "complete": manifest.complete,
+        "features": {},
+    }
+    for name in manifest.features:
+        x = lazy_feature(store, name)
+        axes = (0, 1, 3, 4)
+        mean = x.mean(axis=axes, dtype="f8")
+        square = (x.astype("f8") ** 2).mean(axis=axes)
+        zeros, nans, infs = (x == 0).sum(), da.isnan(x).sum(), da.isinf(x).sum()
+        try:
+            mean, square, zeros, nans, infs = dask.compute(mean, square, zeros, nans, infs)
+        except ValueError as error:  # a failed checksum or a damaged shard
+            raise DataError(
+                f"cannot read {store.path / SPLIT / name}: {error}; "
+                "`kdmtl verify` names the damaged shards"
+            ) from None
+        std = np.sqrt(np.maximum(square - mean**2, 0))
+        raw = int(np.prod(x.shape)) * 4
+        disk = bytes_on_disk(store.path / SPLIT / name)
+        info = manifest.features[name]
+        summary["features"][name] = {
+            "shape": info.shape,
+            "dtype": info.dtype,
+            "codecs": [c["name"] for c in info.codecs],
+            "bytes_on_disk": disk,
+            "bytes_raw_float32": raw,
+            "ratio": disk / raw,
+            "channel_mean": _spread(mean),
+            "channel_std": _spread(std),
+            "zero_share": float(zeros) / x.size,
+            "nan": int(nans),
+            "inf": int(infs),
+        }
+    return summary
+
+
+def _spread(values: np.ndarray) -> dict[str, float]:
+    return {
+        "min": float(values.min()),
+        "median": float(np.median(values)),
+        "max": float(values.max()),
+    }
+
+
+def tolerance(dtype: str, keep_bits: int | None) -> float:
+    """Relative error allowed between a stored and a recomputed feature: twice the unit
+    round-off of the stored precision (BitRound keeps `keep_bits` mantissa bits)."""
+    return 2.0 ** -(keep_bits if keep_bits is not None else MANTISSA_BITS[dtype])
+
+
+@dataclass
+class Verification:
+    checked: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+def read_every_chunk(store: FeatureStore, report: Verification) -> set[int]:
+    """Decode every shard of every array (checksums are verified on read); returns the shards
+    that could not be read."""
+    names = [*store.manifest.features, "sample_id", "views"]
+    failures = 0
+    damaged = set()
+    for name in names:
+        array = store.array(name)
+        for shard in range(store.manifest.num_shards):
+            start, stop = store.shard_range(shard)
+            try:
+                values = array[start:stop]
+            except Exception as error:  # a codec error names the damage; report, go on
+                failures += 1
+                damaged.add(shard)
+                report.problems.append(f"{name} samples {start}-{stop - 1} unreadable: {error}")
+                continue
+            if name == "sample_id" and not np.array_equal(values, np.arange(start, stop)):
+                report.problems.append(f"sample_id of samples {start}-{stop - 1} out of order")
+    shards = len(names) * store.manifest.num_shards
+    report.checked.append(
+        f"read every chunk of {len(names)} arrays ({shards} shards): "
+        + ("checksums ok" if not failures else f"{failures} shards unreadable")
+    )
+    return damaged
+
+
+def recompute(
+    store: FeatureStore,
+    teacher: Architecture,
+    prepared: PreparedStore,
+    checks: int,
+    device: torch.device,
+    report: Verification,
+    skip: set[int] = frozenset(),
+    seed: int = 0,
+) -> None:
+    """Run the teacher again on a few random (sample, view) pairs of written shards, except those
+    in `skip`, and compare with the stored features."""
+    manifest = store.manifest
+    done = sorted(store.done_shards() - skip)
+    candidates = [i for s in done for i in range(*store.shard_range(s))]
+    if not candidates:
+        report.problems.append("no shard is written: nothing to recompute")
+        return
+    rng = np.random.default_rng(seed)
+    samples = np.sort(rng.choice(candidates, size=min(checks, len(candidates)), replace=False))
+    chosen_views = rng.integers(manifest.views.views, size=len(samples))
+    images = prepared.array(SPLIT, "image").oindex[samples].astype(np.float32) / np.float32(255)
+    views = store.array("views").oindex[samples][np.arange(len(samples)), chosen_views]
+    recomputed = teacher_features(teacher, torch.from_numpy(images), views[:, None], 64, device)
+    info = manifest.features[FEATURES[0]]
+    keep_bits = next(
+        (c["configuration"]["keepbits"] for c in info.codecs if c["name"] == "numcodecs.bitround"),
+        None,
+    )
+    allowed = tolerance(info.dtype, keep_bits)
+    errors = {}
+    for name in manifest.features:
+        stored = np.stack(
+            [store.array(name)[int(i), int(v)] for i, v in zip(samples, chosen_views, strict=True)]
+        ).astype(np.float32)
+        fresh = recomputed[name][:, 0].numpy()
+        relative = np.abs(stored - fresh) / (np.abs(fresh) + 1e-3)
+        errors[name] = float(relative.max())
+        if errors[name] > allowed:
+            report.problems.append(
+                f"{name} differs from the teacher's recomputed features: relative error "
+                f"{errors[name]:.2e} > {allowed:.2e}"
+            )
+    shown = ", ".join(f"{name} {value:.1e}" for name, value in errors.items())
+    report.checked.append(
+        f"recomputed {len(samples)} sample views with the teacher: max relative error {shown} "
+        f"(tolerance {allowed:.1e})"
+    )

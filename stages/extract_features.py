@@ -1,0 +1,109 @@
+"""`kdmtl extract-features --teacher TASK` (DVC stage `extract_features@TASK`)."""
+
+import os
+from pathlib import Path
+
+import click
+
+from pipeline.checkpoints import load_teacher
+from pipeline.data.prepared import open_prepared
+from pipeline.errors import KdmtlError
+from pipeline.features import (
+    assign_shards,
+    extract,
+    feature_shapes,
+    open_or_create,
+    plan_manifest,
+)
+from pipeline.files import sha256_file
+from pipeline.training import resolve_device
+from schemas.params import Params
+from stages.common import choose_task, params_option, user_errors
+
+
+def parse_shard_of(value: str | None) -> tuple[int, int]:
+    """`I/N` from the option, else RANK/WORLD_SIZE when started by torchrun, else 0/1."""
+    if value is None:
+        if "WORLD_SIZE" in os.environ:
+            return int(os.environ.get("RANK", "0")), int(os.environ["WORLD_SIZE"])
+        return 0, 1
+    try:
+        part, parts = (int(x) for x in value.split("/"))
+    except ValueError:
+        part, parts = -1, 0
+    if not 0 <= part < parts:
+        raise click.BadParameter(
+            f"{value!r} is not I/N with 0 <= I < N, e.g. 0/2", param_hint="'--shard-of'"
+        )
+    return part, parts
+
+
+def teacher_checkpoint(params: Params, task: str) -> Path:
+    path = Path(params.paths.teachers) / f"{task}.pt"
+    if not path.is_file():
+        raise KdmtlError(
+            f"no teacher checkpoint at {path}: run `kdmtl train-teacher --teacher {task}` first"
+        )
+    return path
+
+
+def extraction_device(name: str):
+    """One GPU per process under torchrun (LOCAL_RANK), as `device: auto` would pick alone."""
+    device = resolve_device(name)
+    if name == "auto" and device.type == "cuda" and "LOCAL_RANK" in os.environ:
+        return resolve_device(f"cuda:{os.environ['LOCAL_RANK']}")
+    return device
+
+
+@click.command("extract-features")
+@click.option("--teacher", "task", required=True, help="Task of the teacher, one of params' tasks.")
+@click.option(
+    "--shard-of",
+    default=None,
+    metavar="I/N",
+    help="Extract part I of N (0-based) of the shards, with N processes sharing the store; "
+    "defaults to RANK/WORLD_SIZE under torchrun.",
+)
+@params_option
+@user_errors
+def command(task: str, shard_of: str | None, params: Params) -> None:
+    """Run a teacher once over the training data and cache its features in features/TASK.zarr.
+
+    Resumes a killed run from its completed shards."""
+    choose_task(task, params)
+    part, parts = parse_shard_of(shard_of)
+    prepared = open_prepared(Path(params.paths.prepared))
+    prepared.check_matches(params.data)
+    checkpoint = teacher_checkpoint(params, task)
+    teacher, metadata = load_teacher(checkpoint)
+    if metadata.task != task:
+        raise KdmtlError(f"{checkpoint} is a {metadata.task} teacher, not {task}")
+    if metadata.prepared_fingerprint != prepared.manifest.fingerprint:
+        raise KdmtlError(
+            f"{checkpoint} was trained on other prepared data than {prepared.path}: "
+            f"run `kdmtl train-teacher --teacher {task}` again"
+        )
+    device = extraction_device(params.device)
+    teacher.to(device)
+    manifest = plan_manifest(
+        task,
+        sha256_file(checkpoint),
+        prepared,
+        feature_shapes(teacher, prepared.manifest.height, prepared.manifest.width),
+        params.features,
+        params.data.augment,
+    )
+    path = Path(params.paths.features) / f"{task}.zarr"
+    store = open_or_create(path, manifest, params.features, may_reset=parts == 1)
+    shards = assign_shards(manifest.num_shards, part, parts)
+    stats = extract(teacher, prepared, store, shards, params.features.batch_size, device)
+    complete = store.mark_complete_if_all_done()
+    state = (
+        "the store is complete"
+        if complete
+        else f"{len(store.done_shards())} of {manifest.num_shards} shards are written so far"
+    )
+    click.echo(
+        f"{path}: wrote {stats.shards} shards ({stats.samples} samples x {manifest.views.views} "
+        f"views, {stats.raw_bytes / 1e6:.1f} MB raw) in {stats.seconds:.1f} s; {state}"
+    )

@@ -1,0 +1,41 @@
+"""`kdmtl inspect STORE`: what a feature store holds, computed out of core with dask."""
+
+import json
+from pathlib import Path
+
+import click
+
+from pipeline.feature_checks import summarize
+from pipeline.features import FeatureStore
+from stages.common import user_errors
+
+
+def format_summary(summary: dict) -> str:
+    state = "complete" if summary["complete"] else "INCOMPLETE"
+    lines = [
+        f"{summary['path']}: teacher {summary['task']}, {summary['samples']} samples x "
+        f"{summary['views']} views (augment {'on' if summary['augment'] else 'off'}), "
+        f"{summary['shards_complete']}/{summary['shards']} shards written, {state}"
+    ]
+    for name, f in summary["features"].items():
+        mean, std = f["channel_mean"], f["channel_std"]
+        lines += [
+            f"  {name}: {f['shape']} {f['dtype']}, codecs {' + '.join(f['codecs'])}",
+            f"    {f['bytes_on_disk'] / 1e6:.2f} MB on disk, {f['bytes_raw_float32'] / 1e6:.2f} MB "
+            f"as raw float32: ratio {f['ratio']:.3f}",
+            f"    channel mean min/median/max {mean['min']:.3g} / {mean['median']:.3g} / "
+            f"{mean['max']:.3g}; channel std {std['min']:.3g} / {std['median']:.3g} / "
+            f"{std['max']:.3g}",
+            f"    exact zeros {100 * f['zero_share']:.1f}%, NaN {f['nan']}, Inf {f['inf']}",
+        ]
+    return "\n".join(lines)
+
+
+@click.command("inspect")
+@click.argument("store", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of text.")
+@user_errors
+def command(store: Path, as_json: bool) -> None:
+    """Show a feature store's layout, size, compression, value statistics and completion."""
+    summary = summarize(FeatureStore.open(store))
+    click.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))

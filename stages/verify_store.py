@@ -1,0 +1,56 @@
+"""`kdmtl verify STORE`: is a feature store current, intact and right?"""
+
+from pathlib import Path
+
+import click
+
+from pipeline.checkpoints import load_teacher
+from pipeline.data.prepared import open_prepared
+from pipeline.feature_checks import Verification, read_every_chunk, recompute
+from pipeline.features import FeatureStore
+from pipeline.files import sha256_file
+from pipeline.training import resolve_device
+from schemas.params import Params
+from stages.common import params_option, user_errors
+from stages.extract_features import teacher_checkpoint
+
+
+@click.command("verify")
+@click.argument("store", type=click.Path(path_type=Path))
+@click.option(
+    "--checks", default=4, show_default=True, help="Sample views to recompute with the teacher."
+)
+@params_option
+@user_errors
+def command(store: Path, checks: int, params: Params) -> None:
+    """Check a feature store against the current teacher checkpoint and prepared data, read every
+    chunk (checksums), and recompute a few features with the teacher. Exits 1 on any problem."""
+    features = FeatureStore.open(store)
+    manifest = features.manifest
+    checkpoint = teacher_checkpoint(params, manifest.task)
+    prepared = open_prepared(Path(params.paths.prepared))
+    report = Verification()
+    stale = features.stale_against(sha256_file(checkpoint), prepared.manifest.fingerprint)
+    report.problems += [f"stale: {problem}" for problem in stale]
+    if not stale:
+        report.checked.append(
+            f"manifest matches {checkpoint} (sha256) and {prepared.path} (fingerprint)"
+        )
+    done = len(features.done_shards())
+    if manifest.complete:
+        report.checked.append(f"complete: {done} of {manifest.num_shards} shards written")
+    else:
+        report.problems.append(f"incomplete: {done} of {manifest.num_shards} shards written")
+    damaged = read_every_chunk(features, report)
+    if not stale:
+        teacher, _ = load_teacher(checkpoint)
+        device = resolve_device(params.device)
+        recompute(features, teacher, prepared, checks, device, report, skip=damaged)
+    click.echo(f"{store}: teacher {manifest.task}, {manifest.num_samples} samples")
+    for line in report.checked:
+        click.echo(f"  ok: {line}")
+    for line in report.problems:
+        click.echo(f"  PROBLEM: {line}", err=True)
+    if report.problems:
+        raise click.exceptions.Exit(1)
+    click.echo("verified")
