@@ -31,17 +31,15 @@ def draw_views(
     if not augment:
         return np.tile(IDENTITY, (views, 1))
     rng = np.random.default_rng([seed, index])
-    params = np.empty((views, 4), dtype=np.float32)
-    for view in range(views):
-        scale = SCALES[rng.integers(len(SCALES))]
-        crop_h, crop_w = crop_size(scale, height, width)
-        params[view] = (
-            scale,
-            rng.integers(height - crop_h + 1),
-            rng.integers(width - crop_w + 1),
-            rng.integers(2),
-        )
-    return params
+    return np.stack([random_view(rng, height, width) for _ in range(views)])
+
+
+def random_view(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """One view: a scale from SCALES, a crop corner that fits, a coin flip."""
+    scale = SCALES[rng.integers(len(SCALES))]
+    crop_h, crop_w = crop_size(scale, height, width)
+    top, left = rng.integers(height - crop_h + 1), rng.integers(width - crop_w + 1)
+    return np.array([scale, top, left, rng.integers(2)], dtype=np.float32)
 
 
 def crop_size(scale: float, height: int, width: int) -> tuple[int, int]:

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ValidationError
 from pipeline.errors import KdmtlError
 from pipeline.files import write_atomically
 from pipeline.models import Architecture, build_model
-from schemas.checkpoint import ModelSpec, TeacherMetadata
+from schemas.checkpoint import ModelSpec, StudentMetadata, TeacherMetadata
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -41,9 +41,18 @@ def build_from_spec(spec: ModelSpec) -> Architecture:
     return build_model(spec.arch, spec.filters, spec.heads)
 
 
-def load_teacher(path: Path) -> tuple[Architecture, TeacherMetadata]:
-    """A teacher in eval mode (cached features must be deterministic), and its metadata."""
-    state_dict, metadata = load_checkpoint(path, TeacherMetadata)
+def load_network(path: Path, metadata_type: type[M]) -> tuple[Architecture, M]:
+    """A network in eval mode, and its metadata (which holds its `model` spec)."""
+    state_dict, metadata = load_checkpoint(path, metadata_type)
     model = build_from_spec(metadata.model)
     model.load_state_dict(state_dict)
     return model.eval(), metadata
+
+
+def load_teacher(path: Path) -> tuple[Architecture, TeacherMetadata]:
+    """A teacher in eval mode (cached features must be deterministic), and its metadata."""
+    return load_network(path, TeacherMetadata)
+
+
+def load_student(path: Path) -> tuple[Architecture, StudentMetadata]:
+    return load_network(path, StudentMetadata)

@@ -245,30 +245,34 @@ class FeatureStore:
 
 class FeatureChunks:
     """A store as a ChunkSource: every array's values over one chunk of the prepared grid, keyed
-    `PREFIX + name`. Arrays are opened lazily in each process (safe with `spawn` workers)."""
+    `PREFIX + name`. Arrays are opened lazily in each process (safe with `spawn` workers); the
+    small `sample_id` and `views` arrays are read whole, once, rather than once per chunk."""
 
     def __init__(self, store: FeatureStore, prefix: str = "") -> None:
         self.store = store
         self.prefix = prefix
         self.chunk_size = store.manifest.chunk_size
-        self.names = (*store.manifest.features, "sample_id", "views")
         self._arrays: dict[str, zarr.Array] | None = None
+        self._small: dict[str, np.ndarray] = {}
 
     def __len__(self) -> int:
         return self.store.manifest.num_samples
 
     def __getstate__(self) -> dict:
-        return self.__dict__ | {"_arrays": None}
+        return self.__dict__ | {"_arrays": None, "_small": {}}
 
-    def read_chunk(self, chunk: int) -> dict[str, np.ndarray]:
+    def _open(self, name: str) -> zarr.Array:
+        return zarr.open_array(self.store.path / SPLIT / name, mode="r")
+
+    def read_chunk(self, chunk: int, epoch: int = 0) -> dict[str, np.ndarray]:
         if self._arrays is None:
-            self._arrays = {
-                name: zarr.open_array(self.store.path / SPLIT / name, mode="r")
-                for name in self.names
-            }
+            self._arrays = {name: self._open(name) for name in self.store.manifest.features}
+            self._small = {name: self._open(name)[:] for name in ("sample_id", "views")}
         start = chunk * self.chunk_size
         stop = min(start + self.chunk_size, len(self))
-        return {self.prefix + name: a[start:stop] for name, a in self._arrays.items()}
+        arrays = {name: a[start:stop] for name, a in self._arrays.items()}
+        arrays |= {name: values[start:stop] for name, values in self._small.items()}
+        return {self.prefix + name: values for name, values in arrays.items()}
 
 
 def open_or_create(

@@ -24,7 +24,7 @@ class ModelOutput:
 
 
 class Architecture(nn.Module, ABC):
-    """A network with task heads and named feature taps."""
+    """A network with task heads (kept in `self.task_heads`) and named feature taps."""
 
     name: ClassVar[str]
 
@@ -32,6 +32,10 @@ class Architecture(nn.Module, ABC):
         super().__init__()
         self.filters = list(filters)
         self.heads = dict(heads)
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """Parameters of every task: all but the heads."""
+        return [p for name, p in self.named_parameters() if not name.startswith("task_heads.")]
 
     @abstractmethod
     def feature_channels(self) -> dict[str, int]:

@@ -15,13 +15,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 
 class ChunkSource(Protocol):
-    """Arrays on one chunk grid: `read_chunk(c)` returns every array's values over chunk c."""
+    """Arrays on one chunk grid: `read_chunk(c, epoch)` returns every array's values over chunk
+    c; sources that draw random augmentation views seed them with the epoch."""
 
     chunk_size: int
 
     def __len__(self) -> int: ...
 
-    def read_chunk(self, chunk: int) -> dict[str, np.ndarray]: ...
+    def read_chunk(self, chunk: int, epoch: int = 0) -> dict[str, np.ndarray]: ...
 
 
 Batch = dict[str, torch.Tensor]
@@ -73,28 +74,37 @@ class ChunkStream(IterableDataset):
         worker = get_worker_info()
         if worker is not None:
             chunks = chunks[worker.id :: worker.num_workers]
-        pending: dict[str, np.ndarray] | None = None
+        pending: dict[str, np.ndarray] | None = None  # fewer than a batch, carried over
         for first in range(0, len(chunks), self.buffer_chunks):
             group = chunks[first : first + self.buffer_chunks]
-            blocks = [self.source.read_chunk(int(c)) for c in group]
+            blocks = [self.source.read_chunk(int(c), epoch) for c in group]
             if pending is not None:
                 blocks.insert(0, pending)
-            merged = {name: np.concatenate([b[name] for b in blocks]) for name in blocks[0]}
-            count = len(next(iter(merged.values())))
-            order = rng.permutation(count) if self.shuffle else np.arange(count)
-            whole = count - count % self.batch_size
+            # (block, row) of every buffered sample: batches are gathered straight from the
+            # blocks, one copy per batch, instead of concatenating the buffer first.
+            rows = [(b, r) for b, block in enumerate(blocks) for r in range(_length(block))]
+            if self.shuffle:
+                rows = [rows[i] for i in rng.permutation(len(rows))]
+            whole = len(rows) - len(rows) % self.batch_size
             for start in range(0, whole, self.batch_size):
-                yield _to_tensors(merged, order[start : start + self.batch_size])
-            pending = {name: values[order[whole:]] for name, values in merged.items()}
-        if pending is not None and len(next(iter(pending.values()))) and not self.drop_last:
-            yield _to_tensors(pending, slice(None))
+                yield _gather(blocks, rows[start : start + self.batch_size])
+            pending = _gather_arrays(blocks, rows[whole:]) if whole < len(rows) else None
+        if pending is not None and not self.drop_last:
+            yield {name: torch.from_numpy(values) for name, values in pending.items()}
 
 
-def _to_tensors(arrays: dict[str, np.ndarray], rows) -> Batch:
-    return {
-        name: torch.from_numpy(np.ascontiguousarray(values[rows]))
-        for name, values in arrays.items()
-    }
+def _length(block: dict[str, np.ndarray]) -> int:
+    return len(next(iter(block.values())))
+
+
+def _gather_arrays(
+    blocks: list[dict[str, np.ndarray]], rows: list[tuple[int, int]]
+) -> dict[str, np.ndarray]:
+    return {name: np.stack([blocks[b][name][r] for b, r in rows]) for name in blocks[0]}
+
+
+def _gather(blocks: list[dict[str, np.ndarray]], rows: list[tuple[int, int]]) -> Batch:
+    return {name: torch.from_numpy(values) for name, values in _gather_arrays(blocks, rows).items()}
 
 
 def make_loader(stream: ChunkStream, num_workers: int) -> DataLoader:

@@ -66,7 +66,7 @@ def train_teacher(
 
     last: Metrics = {}
 
-    def end_of_epoch(_epoch: int) -> dict[str, float]:
+    def end_of_epoch(_row: dict[str, float]) -> dict[str, float]:
         last.update(evaluate(model, {task_name: task}, test_batches, device))
         return {f"test_{task.main_metric}": last[task_name][task.main_metric]}
 

@@ -93,15 +93,16 @@ def fit(
     optimizers: list[torch.optim.Optimizer],
     schedulers: list[torch.optim.lr_scheduler.LRScheduler],
     device: torch.device,
-    end_of_epoch: Callable[[int], dict[str, float]],
+    end_of_epoch: Callable[[dict[str, float]], dict[str, float]],
     description: str,
     progress: bool = True,
 ) -> History:
     """Run `epochs` passes over `batches`.
 
     `step(batch)` computes the losses of one batch and their gradients and returns the values to
-    log; `fit` zeroes the gradients before and steps the optimizers after it. `end_of_epoch(epoch)`
-    returns further values for the epoch's row (a test metric, say). Each epoch shows a progress
+    log; `fit` zeroes the gradients before and steps the optimizers after it.
+    `end_of_epoch(row)` gets the epoch's row of mean logged values and returns further values for
+    it (a test metric, say). Each epoch shows a progress
     bar with the running means and ends with a one-line summary.
     """
     history = History()
@@ -130,7 +131,7 @@ def fit(
         for scheduler in schedulers:
             scheduler.step()
         row = {"epoch": epoch} | {name: total / max(count, 1) for name, total in sums.items()}
-        row |= end_of_epoch(epoch)
+        row |= end_of_epoch(row)
         history.rows.append(row)
         summary = ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "epoch")
         seconds = time.perf_counter() - started

@@ -126,6 +126,39 @@ class TeacherParams(TrainParams):
         return TrainParams.model_validate(base | self.overrides.get(task, {}))
 
 
+class StudentParams(TrainParams):
+    """Training of the multi-task student.
+
+    `method` is `kd` (the paper: task losses plus distillation towards the teachers' features) or
+    a loss weighting without distillation (`ew`: equal weights). With `kd`, `weighting` weights the
+    task losses."""
+
+    epochs: int = Field(30, ge=1)
+    model: ModelParams | None = Field(None, description="The student's network; null: as model.")
+    method: str = "kd"
+    weighting: str = Field("ew", description="Task-loss weighting used with method kd.")
+    kd_source: Literal["cache", "online"] = Field(
+        "cache", description="cache: stream the stored features; online: run the teachers."
+    )
+    kd_weights: dict[str, float] = Field(
+        {"semseg": 1.0, "depth": 1.0, "normal": 2.0},
+        description="lambda per task, multiplying its two feature distances.",
+    )
+    adaptor_lr: float = Field(0.1, gt=0, description="Adam learning rate of the adaptors.")
+    adaptor_weight_decay: float = Field(5e-4, ge=0)
+
+    @field_validator("method", "weighting")
+    @classmethod
+    def _known_method(cls, value: str, info: ValidationInfo) -> str:
+        weightings = _context(info).get("weightings")
+        if weightings is None:
+            return value
+        allowed = ["kd", *weightings] if info.field_name == "method" else weightings
+        if value not in allowed:
+            raise ValueError(f"{value!r} is not a method; allowed: {', '.join(allowed)}")
+        return value
+
+
 MANTISSA_BITS = {"float16": 10, "float32": 23}
 
 
@@ -178,7 +211,12 @@ class Params(Contract):
     model: ModelParams = ModelParams()
     teacher: TeacherParams = TeacherParams()
     features: FeatureParams = FeatureParams()
+    student: StudentParams = StudentParams()
     paths: PathParams = PathParams()
+
+    @property
+    def student_model(self) -> ModelParams:
+        return self.student.model or self.model
 
     @field_validator("device")
     @classmethod
@@ -201,12 +239,13 @@ class Params(Contract):
 
     @model_validator(mode="after")
     def _image_fits_the_model(self) -> "Params":
-        levels = len(self.model.filters)
-        if min(self.data.height, self.data.width) < 2**levels:
-            raise ValueError(
-                f"data.height and data.width must be at least {2**levels}: model.filters has "
-                f"{levels} levels, each halving the image"
-            )
+        for key, model in (("model", self.model), ("student.model", self.student_model)):
+            levels = len(model.filters)
+            if min(self.data.height, self.data.width) < 2**levels:
+                raise ValueError(
+                    f"data.height and data.width must be at least {2**levels}: {key}.filters "
+                    f"has {levels} levels, each halving the image"
+                )
         return self
 
     @model_validator(mode="after")
@@ -216,6 +255,13 @@ class Params(Contract):
                 "features.views > 1 needs data.augment: true (without augmentation every view "
                 "is the same image)"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _kd_weight_per_task(self) -> "Params":
+        missing = [task for task in self.tasks if task not in self.student.kd_weights]
+        if self.student.method == "kd" and missing:
+            raise ValueError(f"student.kd_weights has no weight for task {missing[0]!r}")
         return self
 
     @model_validator(mode="after")

@@ -2,7 +2,15 @@
 
 import click
 
-from stages import extract_features, inspect_store, prepare, train_teacher, verify_store
+from stages import (
+    evaluate,
+    extract_features,
+    inspect_store,
+    prepare,
+    train_student,
+    train_teacher,
+    verify_store,
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -15,5 +23,13 @@ def main() -> None:
     """
 
 
-for module in (prepare, train_teacher, extract_features, inspect_store, verify_store):
+for module in (
+    prepare,
+    train_teacher,
+    extract_features,
+    train_student,
+    evaluate,
+    inspect_store,
+    verify_store,
+):
     main.add_command(module.command)

@@ -17,6 +17,7 @@ from pipeline.errors import KdmtlError
 from pipeline.files import write_atomically
 from pipeline.models import ARCHITECTURES
 from pipeline.tasks import TASKS
+from pipeline.weighting import WEIGHTINGS
 from schemas.params import Params
 
 
@@ -32,6 +33,7 @@ def validation_context() -> dict[str, Any]:
         "tasks": TASKS.names(),
         "sources": {name: list(SOURCES[name].tasks) for name in SOURCES},
         "architectures": ARCHITECTURES.names(),
+        "weightings": WEIGHTINGS.names(),
     }
 
 

@@ -72,6 +72,7 @@ TINY = {
     "data": {"num_train": 8, "num_test": 4, "height": 16, "width": 16, "chunk_size": 4},
     "model": {"filters": [4, 8]},
     "teacher": {"epochs": 1, "batch_size": 4},
+    "student": {"epochs": 1, "batch_size": 4},
 }
 
 
@@ -83,6 +84,8 @@ def test_dvc_repro_runs_the_pipeline_and_reruns_only_what_changed(tmp_path: Path
         for stage in ("train_teacher", "extract_features"):
             assert f"Running stage '{stage}@{task}'" in first
     assert FeatureStore.open(tmp_path / "features" / "normal.zarr").manifest.complete
+    assert "Running stage 'train_student'" in first and "Running stage 'evaluate'" in first
+    assert (tmp_path / "metrics" / "eval.json").is_file()
     store = open_prepared(tmp_path / "data" / "prepared.zarr")
     assert store.manifest.splits["train"].num_samples == 8
     assert {p.name for p in (tmp_path / "models" / "teachers").iterdir()} == {
@@ -97,12 +100,16 @@ def test_dvc_repro_runs_the_pipeline_and_reruns_only_what_changed(tmp_path: Path
     dvc("plots", "show", cwd=tmp_path)
     html = (tmp_path / "dvc_plots" / "index.html").read_text()
     assert "plots/teachers/normal/test_mean_angle.json" in html
+    assert "plots/student/dist_depth.decoder.json" in html
+    assert "predictions.png" in html
+    assert "delta_mtl" in metrics
 
     teacher = TINY["teacher"] | {"overrides": {"semseg": {}, "depth": {"lr": 0.01}, "normal": {}}}
     write_repo_params(tmp_path, TINY | {"teacher": teacher})
     again = dvc("repro", cwd=tmp_path)
     assert "Running stage 'train_teacher@depth'" in again
     assert "Running stage 'extract_features@depth'" in again
+    assert "Running stage 'train_student'" in again
     assert "Running stage 'train_teacher@semseg'" not in again
     assert "Running stage 'train_teacher@normal'" not in again
 

@@ -209,7 +209,7 @@ class PreparedSplit(Dataset):
         state["_arrays"], state["_cache"] = None, OrderedDict()
         return state
 
-    def read_chunk(self, chunk: int) -> dict[str, np.ndarray]:
+    def read_chunk(self, chunk: int, epoch: int = 0) -> dict[str, np.ndarray]:
         """Every sample of chunk `chunk`, as arrays with a leading sample axis."""
         if self._arrays is None:
             self._arrays = {name: self.store.array(self.split, name) for name in self.names}

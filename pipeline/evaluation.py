@@ -1,0 +1,89 @@
+"""The student against its teachers: metrics, Delta_MTL, and a picture of predictions."""
+
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.metrics import delta_mtl
+from pipeline.models import Architecture
+from pipeline.tasks import Task, higher_is_better
+from pipeline.training import Batch, Metrics, evaluate
+from pipeline.visualize import colour_classes, colour_depth, colour_normals, grid
+from schemas.checkpoint import EvaluationReport
+
+
+def compare(
+    student: Architecture,
+    teachers: dict[str, Architecture],
+    tasks: dict[str, Task],
+    batches: Iterable[Batch],
+    device: torch.device,
+) -> EvaluationReport:
+    """Evaluate the student and each teacher on the same batches; Delta_MTL of the student with
+    the teachers as single-task baselines, overall and per task."""
+    batches = list(batches)
+    student_metrics = evaluate(student.to(device), tasks, batches, device)
+    teacher_metrics: Metrics = {
+        name: evaluate(teachers[name].to(device), {name: task}, batches, device)[name]
+        for name, task in tasks.items()
+    }
+    directions = higher_is_better(tasks)
+    per_task = {
+        name: delta_mtl(
+            {name: teacher_metrics[name]}, {name: student_metrics[name]}, {name: directions[name]}
+        )
+        for name in tasks
+    }
+    return EvaluationReport(
+        delta_mtl=delta_mtl(teacher_metrics, student_metrics, directions),
+        delta_per_task=per_task,
+        student=student_metrics,
+        teachers=teacher_metrics,
+    )
+
+
+def _colour(task: str, values: torch.Tensor, depth_range: tuple[float, float]) -> np.ndarray:
+    values = values.cpu().numpy()
+    if task == "semseg":
+        return colour_classes(values)
+    if task == "depth":
+        return colour_depth(values[0], *depth_range)
+    return colour_normals(values)
+
+
+@torch.no_grad()
+def prediction_grid(
+    student: Architecture,
+    teachers: dict[str, Architecture],
+    tasks: dict[str, Task],
+    batch: Batch,
+    device: torch.device,
+) -> Image.Image:
+    """One row per image of `batch`: the input, then per task the ground truth, the student's and
+    the teacher's prediction. Depth shares one colour range per row."""
+    images = batch["image"].to(device)
+    student_out = student.to(device).eval()(images).predictions
+    teacher_out = {
+        name: teachers[name].to(device).eval()(images).predictions[name] for name in tasks
+    }
+    titles = ["input"]
+    for name in tasks:
+        titles += [f"{name} truth", f"{name} student", f"{name} teacher"]
+    rows = []
+    for i in range(len(images)):
+        row = [(batch["image"][i].permute(1, 2, 0).numpy() * 255).astype(np.uint8)]
+        depth_range = (0.0, 1.0)
+        if "depth" in tasks:
+            truth = batch["depth"][i]
+            depth_range = (0.0, float(truth.max()) or 1.0)
+        for name, task in tasks.items():
+            for values in (
+                batch[name][i],
+                task.predict(student_out[name][i : i + 1])[0],
+                task.predict(teacher_out[name][i : i + 1])[0],
+            ):
+                row.append(_colour(name, values, depth_range))
+        rows.append(row)
+    return grid(rows, titles)

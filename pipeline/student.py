@@ -1,0 +1,227 @@
+"""The multi-task student: its training data, joined with the teachers' cached features, and its
+training loop (task losses weighted by a method, plus the distillation loss for `kd`)."""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline.augment import apply_views, random_view
+from pipeline.data.prepared import PreparedSplit, PreparedStore
+from pipeline.distill import Distiller
+from pipeline.errors import DataError
+from pipeline.features import SPLIT, FeatureChunks, FeatureStore
+from pipeline.models import FEATURES, Architecture, build_model
+from pipeline.stream import ChunkStream, make_loader
+from pipeline.tasks import make_tasks
+from pipeline.training import (
+    Batch,
+    Metrics,
+    evaluate,
+    fit,
+    make_optimizer,
+    make_scheduler,
+)
+from pipeline.weighting import WEIGHTINGS, StepContext
+from schemas.params import LoaderParams, ModelParams, StudentParams
+
+
+def check_stores(
+    stores: dict[str, FeatureStore],
+    prepared: PreparedStore,
+    checkpoint_sha256: dict[str, str | None],
+) -> None:
+    """Refuse a stale, incomplete or mismatched store, naming it and what is wrong.
+
+    A teacher's checkpoint is compared only where it exists: distilling from the cache needs no
+    teacher."""
+    views = None
+    for task, store in stores.items():
+        manifest = store.manifest
+        problems = store.stale_against(
+            checkpoint_sha256[task] or manifest.checkpoint_sha256, prepared.manifest.fingerprint
+        )
+        if manifest.task != task:
+            problems.append(f"it holds the {manifest.task} teacher's features")
+        if not manifest.complete:
+            done = len(store.done_shards())
+            problems.append(f"incomplete ({done} of {manifest.num_shards} shards written)")
+        if problems:
+            raise DataError(
+                f"feature store {store.path} cannot be used: {'; '.join(problems)}; "
+                f"run `kdmtl extract-features --teacher {task}`"
+            )
+        if views is not None and manifest.views != views:
+            raise DataError(
+                f"feature store {store.path} caches other views than the other stores "
+                f"({manifest.views} vs {views}); extract every teacher with the same params"
+            )
+        views = manifest.views
+
+
+class StudentSource:
+    """The student's training samples as a ChunkSource: per chunk of the prepared grid, the image
+    and targets joined by sample id with each teacher's cached features (`TASK.FEATURE`).
+
+    With cached views, each epoch picks one stored view per sample, and the image and targets are
+    transformed by replaying that view's stored parameters, so they match the cached features.
+    Without stores (no distillation, or online teachers), `augment` draws a fresh view per sample
+    and epoch."""
+
+    def __init__(
+        self,
+        prepared: PreparedStore,
+        tasks: list[str],
+        stores: dict[str, FeatureStore] | None,
+        augment: bool,
+        seed: int,
+    ) -> None:
+        self.split = PreparedSplit(prepared, SPLIT, tasks)
+        self.tasks = list(tasks)
+        self.features = {task: FeatureChunks(store) for task, store in (stores or {}).items()}
+        self.augment = augment
+        self.seed = seed
+        self.chunk_size = self.split.chunk_size
+        self.size = (prepared.manifest.height, prepared.manifest.width)
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def read_chunk(self, chunk: int, epoch: int = 0) -> dict[str, np.ndarray]:
+        block = self.split.read_chunk(chunk)
+        count = len(block["index"])
+        rng = np.random.default_rng([self.seed, epoch, chunk])
+        views = None
+        if self.features:
+            cached = {task: source.read_chunk(chunk) for task, source in self.features.items()}
+            stored_views = self._checked_views(cached, block["index"])
+            if stored_views.shape[1] == 1:  # one view: no choice, and slicing copies nothing
+                pick: slice | tuple = (slice(None), 0)
+            else:
+                pick = (np.arange(count), rng.integers(stored_views.shape[1], size=count))
+            views = stored_views[pick]
+            for task, values in cached.items():
+                for name in FEATURES:
+                    block[f"{task}.{name}"] = values[name][pick]
+        elif self.augment:
+            views = np.stack([random_view(rng, *self.size) for _ in range(count)])
+        if views is not None and (views != [1, 0, 0, 0]).any():
+            image, targets = apply_views(
+                views,
+                torch.from_numpy(block["image"]),
+                {task: torch.from_numpy(block[task]) for task in self.tasks},
+            )
+            block["image"] = image.numpy()
+            block |= {task: target.numpy() for task, target in targets.items()}
+        return block
+
+    def _checked_views(self, cached: dict[str, dict], index: np.ndarray) -> np.ndarray:
+        """The stored views, after checking every store covers these samples with these views."""
+        first = next(iter(cached.values()))
+        for task, values in cached.items():
+            if not np.array_equal(values["sample_id"], index):
+                raise DataError(f"the {task} feature store's sample ids do not match the data")
+            if not np.array_equal(values["views"], first["views"]):
+                raise DataError(f"the {task} feature store cached other views than the others")
+        return first["views"]
+
+
+@dataclass
+class StudentResult:
+    model: Architecture
+    history: list[dict[str, float]]
+    test_metrics: Metrics
+
+
+def train_student(
+    prepared: PreparedStore,
+    task_names: list[str],
+    model_params: ModelParams,
+    config: StudentParams,
+    loader: LoaderParams,
+    seed: int,
+    device: torch.device,
+    augment: bool = False,
+    stores: dict[str, FeatureStore] | None = None,
+    teachers: dict[str, Architecture] | None = None,
+    progress: bool = True,
+) -> StudentResult:
+    """Train a multi-task student and evaluate it on the test split after every epoch.
+
+    With `config.method == "kd"` the distillation targets come from `stores` (cached features,
+    no teacher runs) or from `teachers` run on every batch (`kd_source: online`)."""
+    tasks = make_tasks(task_names, prepared.manifest.num_classes)
+    torch.manual_seed(seed)
+    heads = {name: task.channels for name, task in tasks.items()}
+    model = build_model(model_params.arch, model_params.filters, heads).to(device).train()
+    distil = config.method == "kd"
+    weighting = WEIGHTINGS[config.weighting if distil else config.method](task_names)
+    optimizer = make_optimizer([*model.parameters(), *weighting.parameters()], config)
+    optimizers, schedulers = [optimizer], [make_scheduler(optimizer, config)]
+    distiller = None
+    if distil:
+        if stores:
+            channels = {
+                task: {name: store.manifest.features[name].shape[2] for name in FEATURES}
+                for task, store in stores.items()
+            }
+        else:
+            teachers = {task: teacher.to(device).eval() for task, teacher in teachers.items()}
+            channels = {task: teacher.feature_channels() for task, teacher in teachers.items()}
+        distiller = Distiller(model.feature_channels(), channels, config.kd_weights).to(device)
+        optimizers.append(
+            torch.optim.Adam(
+                distiller.parameters(),
+                lr=config.adaptor_lr,
+                weight_decay=config.adaptor_weight_decay,
+            )
+        )
+    cached = stores if distil and config.kd_source == "cache" else None
+    source = StudentSource(prepared, task_names, cached, augment, seed)
+    stream = ChunkStream(source, config.batch_size, True, seed, loader.buffer_chunks)
+    test_stream = ChunkStream(PreparedSplit(prepared, "test", task_names), config.batch_size, False)
+    test_batches = make_loader(test_stream, num_workers=0)
+    shared = model.shared_parameters()
+
+    def step(batch: Batch) -> dict[str, float]:
+        output = model(batch["image"])
+        losses = {
+            name: task.loss(output.predictions[name], batch[name]) for name, task in tasks.items()
+        }
+        logs = {f"loss_{name}": loss.item() for name, loss in losses.items()}
+        extra = None
+        if distiller is not None:
+            if cached:
+                targets = {t: {n: batch[f"{t}.{n}"] for n in FEATURES} for t in distiller.weights}
+            else:
+                with torch.no_grad():
+                    targets = {
+                        t: teacher(batch["image"]).features for t, teacher in teachers.items()
+                    }
+            extra, distances = distiller(output.features, targets)
+            logs |= {f"dist_{key}": value.item() for key, value in distances.items()}
+        context = StepContext(output.features["decoder"], shared)
+        weights = weighting.backward(losses, extra, context)
+        if weighting.name != "ew":
+            logs |= {f"weight_{name}": value for name, value in weights.items()}
+        return logs
+
+    last: Metrics = {}
+
+    def end_of_epoch(row: dict[str, float]) -> dict[str, float]:
+        weighting.end_epoch({name: row[f"loss_{name}"] for name in tasks})
+        last.update(evaluate(model, tasks, test_batches, device))
+        return {f"test_{t.main_metric}": last[name][t.main_metric] for name, t in tasks.items()}
+
+    history = fit(
+        step,
+        make_loader(stream, loader.num_workers),
+        config.epochs,
+        optimizers,
+        schedulers,
+        device,
+        end_of_epoch,
+        description=f"student {config.method}",
+        progress=progress,
+    )
+    return StudentResult(model, history.rows, dict(last))

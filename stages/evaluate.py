@@ -1,0 +1,58 @@
+"""`kdmtl evaluate` (DVC stage `evaluate`): the student against its teachers on the test split."""
+
+from pathlib import Path
+
+import click
+
+from pipeline.checkpoints import load_student, load_teacher
+from pipeline.data.prepared import PreparedSplit, open_prepared
+from pipeline.errors import KdmtlError
+from pipeline.evaluation import compare, prediction_grid
+from pipeline.files import write_atomically
+from pipeline.stream import ChunkStream
+from pipeline.tasks import make_tasks
+from pipeline.training import resolve_device
+from schemas.params import Params
+from stages.common import params_option, user_errors, write_json
+from stages.extract_features import teacher_checkpoint
+
+GRID_IMAGES = 4
+
+
+@click.command("evaluate")
+@params_option
+@user_errors
+def command(params: Params) -> None:
+    """Evaluate the student and every teacher on the test split: metrics/eval.json with
+    Delta_MTL, and a picture of predictions under plots/eval/."""
+    prepared = open_prepared(Path(params.paths.prepared))
+    student_path = Path(params.paths.student)
+    if not student_path.is_file():
+        raise KdmtlError(f"no student at {student_path}: run `kdmtl train-student` first")
+    student, metadata = load_student(student_path)
+    if metadata.prepared_fingerprint != prepared.manifest.fingerprint:
+        raise KdmtlError(f"{student_path} was trained on other prepared data than {prepared.path}")
+    teachers = {}
+    for task in metadata.tasks:
+        path = teacher_checkpoint(params, task)
+        teachers[task], teacher_metadata = load_teacher(path)
+        if teacher_metadata.prepared_fingerprint != prepared.manifest.fingerprint:
+            raise KdmtlError(f"{path} was trained on other prepared data than {prepared.path}")
+    tasks = make_tasks(metadata.tasks, prepared.manifest.num_classes)
+    device = resolve_device(params.device)
+    test = ChunkStream(PreparedSplit(prepared, "test", metadata.tasks), 32, shuffle=False)
+    report = compare(student, teachers, tasks, test, device)
+    write_json(Path(params.paths.metrics) / "eval.json", report.model_dump())
+    first = next(iter(ChunkStream(test.source, GRID_IMAGES, shuffle=False)))
+    picture = prediction_grid(student, teachers, tasks, first, device)
+    png = Path(params.paths.plots) / "eval" / "predictions.png"
+    write_atomically(png, lambda partial: picture.save(partial, format="PNG"))
+    click.echo(f"Delta_MTL of the student against its teachers: {report.delta_mtl:+.2f}%")
+    for task in tasks:
+        student_main = report.student[task][tasks[task].main_metric]
+        teacher_main = report.teachers[task][tasks[task].main_metric]
+        click.echo(
+            f"  {task}: {tasks[task].main_metric} student {student_main:.4f}, teacher "
+            f"{teacher_main:.4f} (delta {report.delta_per_task[task]:+.2f}%)"
+        )
+    click.echo(f"wrote {Path(params.paths.metrics) / 'eval.json'} and {png}")

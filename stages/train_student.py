@@ -1,0 +1,79 @@
+"""`kdmtl train-student` (DVC stage `train_student`)."""
+
+from pathlib import Path
+
+import click
+
+from pipeline import __version__
+from pipeline.checkpoints import load_teacher, save_checkpoint
+from pipeline.data.prepared import open_prepared
+from pipeline.errors import KdmtlError
+from pipeline.features import FeatureStore
+from pipeline.files import sha256_file
+from pipeline.student import check_stores, train_student
+from pipeline.training import resolve_device
+from schemas.checkpoint import ModelSpec, StudentMetadata
+from schemas.params import Params
+from stages.common import params_option, user_errors, write_curves
+from stages.extract_features import teacher_checkpoint
+
+
+@click.command("train-student")
+@params_option
+@user_errors
+def command(params: Params) -> None:
+    """Train the multi-task student: from the cached teacher features (method kd), or plain."""
+    prepared = open_prepared(Path(params.paths.prepared))
+    prepared.check_matches(params.data)
+    config = params.student
+    stores, teachers, distilled_from = None, None, {}
+    if config.method == "kd" and config.kd_source == "cache":
+        stores = {
+            task: FeatureStore.open(Path(params.paths.features) / f"{task}.zarr")
+            for task in params.tasks
+        }
+        checkpoints = {task: Path(params.paths.teachers) / f"{task}.pt" for task in params.tasks}
+        shas = {task: sha256_file(p) if p.is_file() else None for task, p in checkpoints.items()}
+        check_stores(stores, prepared, shas)
+        distilled_from = {task: store.manifest.checkpoint_sha256 for task, store in stores.items()}
+    elif config.method == "kd":
+        teachers = {}
+        for task in params.tasks:
+            path = teacher_checkpoint(params, task)
+            teachers[task], metadata = load_teacher(path)
+            if metadata.prepared_fingerprint != prepared.manifest.fingerprint:
+                raise KdmtlError(f"{path} was trained on other prepared data: retrain it")
+            distilled_from[task] = sha256_file(path)
+    model = params.student_model
+    result = train_student(
+        prepared,
+        params.tasks,
+        model,
+        config,
+        params.loader,
+        params.seed,
+        resolve_device(params.device),
+        augment=params.data.augment,
+        stores=stores,
+        teachers=teachers,
+    )
+    metadata = StudentMetadata(
+        tasks=params.tasks,
+        model=ModelSpec(arch=model.arch, filters=model.filters, heads=result.model.heads),
+        train=config,
+        seed=params.seed,
+        augment=params.data.augment,
+        prepared_fingerprint=prepared.manifest.fingerprint,
+        distilled_from=distilled_from,
+        class_names=prepared.manifest.class_names,
+        test_metrics=result.test_metrics,
+        kdmtl_version=__version__,
+    )
+    path = Path(params.paths.student)
+    save_checkpoint(path, result.model, metadata)
+    write_curves(Path(params.paths.plots) / "student", result.history)
+    shown = "; ".join(
+        f"{task} " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        for task, metrics in result.test_metrics.items()
+    )
+    click.echo(f"wrote {path} ({config.method}): test {shown}")

@@ -1,0 +1,327 @@
+"""The student: the distillation loss, the joined feature stream, stale-store refusal, training
+without teachers, online/cached equivalence, and evaluation."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_PARAMS, kdmtl, write_params
+from PIL import Image
+
+import pipeline.student
+from pipeline.augment import apply_view
+from pipeline.checkpoints import load_teacher, save_checkpoint
+from pipeline.data.prepared import open_prepared
+from pipeline.distill import Distiller, feature_distance
+from pipeline.errors import DataError
+from pipeline.features import FeatureStore
+from pipeline.metrics import delta_mtl
+from pipeline.student import StudentSource
+from pipeline.tasks import TASKS, higher_is_better, make_tasks
+from schemas.checkpoint import EvaluationReport, StudentMetadata
+
+TASK_NAMES = ["semseg", "depth", "normal"]
+PARAMS = TINY_PARAMS | {
+    "features": {"shard_chunks": 1},
+    "student": {"epochs": 1, "batch_size": 4},
+}
+
+
+def build(folder: Path, params: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    write_params(folder, params)
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        assert kdmtl("prepare").exit_code == 0
+        for task in TASK_NAMES:
+            assert kdmtl("train-teacher", "--teacher", task).exit_code == 0
+            assert kdmtl("extract-features", "--teacher", task).exit_code == 0
+    finally:
+        os.chdir(cwd)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """Prepared data, three teachers and their feature stores, made once for the module."""
+    folder = tmp_path_factory.mktemp("trained")
+    build(folder, PARAMS)
+    return folder
+
+
+@pytest.fixture
+def project(trained: Path, tmp_path: Path) -> Path:
+    folder = tmp_path / "project"
+    shutil.copytree(trained, folder)
+    cwd = os.getcwd()
+    os.chdir(folder)
+    yield folder
+    os.chdir(cwd)
+
+
+def stores_of(project: Path) -> dict[str, FeatureStore]:
+    return {t: FeatureStore.open(project / "features" / f"{t}.zarr") for t in TASK_NAMES}
+
+
+# The distillation loss.
+
+
+def normalise(feature: torch.Tensor) -> torch.Tensor:
+    return feature / (feature.pow(2).sum(1, keepdim=True) + 1e-6).sqrt()
+
+
+def test_normalised_distance_is_two_minus_two_cosine():
+    student = torch.tensor([3.0, 4.0, 0.0])[None, :, None, None]
+    teacher = torch.tensor([0.0, 4.0, 3.0])[None, :, None, None]
+    cosine = 16 / 25
+    assert feature_distance(student, teacher).item() == pytest.approx(2 - 2 * cosine, rel=1e-5)
+    assert feature_distance(student, 7 * student).item() == pytest.approx(0.0, abs=1e-6)
+    assert feature_distance(student, -student).item() == pytest.approx(4.0, rel=1e-5)
+
+
+def test_distance_averages_over_batch_and_pixels_and_resizes_the_student():
+    student = torch.randn(2, 4, 3, 5)
+    teacher = torch.randn(2, 4, 3, 5)
+    by_hand = ((normalise(student) - normalise(teacher)) ** 2).sum(1).mean()
+    assert feature_distance(student, teacher).item() == pytest.approx(by_hand.item(), rel=1e-5)
+    small = torch.randn(2, 4, 3, 5, requires_grad=True)
+    distance = feature_distance(small, torch.randn(2, 4, 6, 10))  # teacher at twice the size
+    distance.backward()
+    assert small.grad is not None and torch.isfinite(small.grad).all()
+
+
+def test_distiller_adaptors_and_weighted_total():
+    distiller = Distiller(
+        {"bottleneck": 8, "decoder": 4},
+        {"depth": {"bottleneck": 16, "decoder": 4}, "normal": {"bottleneck": 16, "decoder": 4}},
+        {"depth": 1.0, "normal": 2.0, "semseg": 1.0},
+    )
+    adaptor = distiller.adaptors["depth"]["bottleneck"]
+    assert adaptor.kernel_size == (1, 1) and adaptor.bias is None
+    assert tuple(adaptor.weight.shape) == (16, 8, 1, 1)
+    student = {"bottleneck": torch.randn(2, 8, 2, 3), "decoder": torch.randn(2, 4, 8, 12)}
+    teachers = {
+        task: {"bottleneck": torch.randn(2, 16, 2, 3), "decoder": torch.randn(2, 4, 8, 12)}
+        for task in ("depth", "normal")
+    }
+    total, distances = distiller(student, teachers)
+    assert set(distances) == {
+        "depth.bottleneck",
+        "depth.decoder",
+        "normal.bottleneck",
+        "normal.decoder",
+    }
+    expected = distances["depth.bottleneck"] + distances["depth.decoder"]
+    expected = expected + 2 * (distances["normal.bottleneck"] + distances["normal.decoder"])
+    assert total.item() == pytest.approx(expected.item(), rel=1e-6)
+    teachers["depth"]["decoder"].requires_grad_()
+    total.backward()
+    assert adaptor.weight.grad is not None
+    assert teachers["depth"]["decoder"].grad is None  # teachers are constants
+
+
+# The joined stream.
+
+
+def test_the_stream_joins_features_to_samples_by_id(project: Path):
+    prepared = open_prepared(project / "data/prepared.zarr")
+    stores = stores_of(project)
+    source = StudentSource(prepared, TASK_NAMES, stores, augment=False, seed=0)
+    block = source.read_chunk(1)
+    np.testing.assert_array_equal(block["index"], np.arange(4, 8))
+    for task, store in stores.items():
+        for name in ("bottleneck", "decoder"):
+            np.testing.assert_array_equal(block[f"{task}.{name}"], store.array(name)[4:8, 0])
+    np.testing.assert_array_equal(
+        block["image"], prepared.array("train", "image")[4:8] / np.float32(255)
+    )
+
+
+def test_cached_views_are_replayed_on_the_input_and_targets(trained: Path, tmp_path: Path):
+    folder = tmp_path / "views"
+    data = PARAMS["data"] | {"augment": True}
+    build(folder, PARAMS | {"data": data, "features": {"shard_chunks": 1, "views": 3}})
+    prepared = open_prepared(folder / "data/prepared.zarr")
+    stores = stores_of(folder)
+    source = StudentSource(prepared, TASK_NAMES, stores, augment=True, seed=0)
+    picks = []
+    for epoch in range(3):
+        block = source.read_chunk(2, epoch)
+        views = stores["depth"].array("views")[8:12]
+        decoder = stores["depth"].array("decoder")[8:12]
+        for row, index in enumerate(range(8, 12)):
+            matches = [
+                v for v in range(3) if np.array_equal(block["depth.decoder"][row], decoder[row, v])
+            ]
+            assert matches, "the features come from one of the sample's stored views"
+            view = views[row, matches[0]]
+            image = torch.from_numpy(prepared.array("train", "image")[index] / np.float32(255))
+            targets = {
+                t: torch.from_numpy(prepared.array("train", t)[index].astype(np.int64))
+                if t == "semseg"
+                else torch.from_numpy(prepared.array("train", t)[index])
+                for t in TASK_NAMES
+            }
+            expected_image, expected = apply_view(view, image, targets)
+            np.testing.assert_array_equal(block["image"][row], expected_image.numpy())
+            for t in TASK_NAMES:
+                np.testing.assert_array_equal(block[t][row], expected[t].numpy())
+            picks.append(matches[0])
+    assert len(set(picks)) > 1  # the chosen view changes between samples and epochs
+
+
+def test_mismatched_sample_ids_are_refused(project: Path):
+    prepared = open_prepared(project / "data/prepared.zarr")
+    stores = stores_of(project)
+    stores["depth"].array("sample_id")[0:4] = np.arange(4)[::-1]
+    source = StudentSource(prepared, TASK_NAMES, stores, augment=False, seed=0)
+    with pytest.raises(DataError, match="the depth feature store's sample ids do not match"):
+        source.read_chunk(0)
+
+
+# Training.
+
+
+def test_train_student_writes_checkpoint_and_curves(project: Path):
+    result = kdmtl("train-student")
+    assert result.exit_code == 0, result.output
+    assert "wrote models/student.pt (kd): test semseg mIoU" in result.output
+    state = torch.load(project / "models/student.pt", weights_only=True)
+    metadata = StudentMetadata.model_validate(state["metadata"])
+    assert metadata.tasks == TASK_NAMES
+    assert metadata.model.heads == {"semseg": 7, "depth": 1, "normal": 3}
+    assert set(metadata.distilled_from) == set(TASK_NAMES)
+    curves = {p.stem for p in (project / "plots/student").iterdir()}
+    assert {"loss_semseg", "loss_depth", "loss_normal", "test_mIoU", "test_abs_err"} <= curves
+    assert {f"dist_{t}.{f}" for t in TASK_NAMES for f in ("bottleneck", "decoder")} <= curves
+
+
+def test_kd_from_the_cache_needs_no_teacher(project: Path, monkeypatch):
+    shutil.rmtree(project / "models" / "teachers")
+    built = []
+    original = pipeline.student.build_model
+    monkeypatch.setattr(pipeline.student, "build_model", lambda *a: built.append(a) or original(*a))
+    result = kdmtl("train-student")
+    assert result.exit_code == 0, result.output
+    assert len(built) == 1  # the student only
+    assert (project / "models/student.pt").is_file()
+
+
+def test_ew_needs_no_feature_store(project: Path):
+    shutil.rmtree(project / "features")
+    write_params(project, PARAMS | {"student": PARAMS["student"] | {"method": "ew"}})
+    result = kdmtl("train-student")
+    assert result.exit_code == 0, result.output
+    curves = {p.stem for p in (project / "plots/student").iterdir()}
+    assert not any(name.startswith("dist_") for name in curves)
+
+
+def test_a_stale_store_is_refused_naming_it(project: Path):
+    teacher, metadata = load_teacher(project / "models/teachers/normal.pt")
+    with torch.no_grad():
+        next(teacher.parameters()).add_(1.0)
+    save_checkpoint(project / "models/teachers/normal.pt", teacher, metadata)
+    result = kdmtl("train-student")
+    assert result.exit_code == 2
+    assert "feature store features/normal.zarr cannot be used: teacher checkpoint differs" in (
+        result.output
+    )
+    assert "run `kdmtl extract-features --teacher normal`" in result.output
+    assert not (project / "models/student.pt").exists()
+
+
+def test_an_incomplete_store_is_refused(project: Path):
+    shutil.rmtree(project / "features" / "depth.zarr")
+    assert kdmtl("extract-features", "--teacher", "depth", "--shard-of", "0/3").exit_code == 0
+    result = kdmtl("train-student")
+    assert result.exit_code == 2
+    assert "features/depth.zarr cannot be used: incomplete (1 of 3 shards written)" in result.output
+
+
+def test_a_missing_store_says_to_extract(project: Path):
+    shutil.rmtree(project / "features" / "semseg.zarr")
+    result = kdmtl("train-student")
+    assert result.exit_code == 2
+    assert "no feature store at features/semseg.zarr: run `kdmtl extract-features` first" in (
+        result.output
+    )
+
+
+def test_online_and_cached_distillation_agree_on_the_same_batch(project: Path):
+    prepared = open_prepared(project / "data/prepared.zarr")
+    stores = stores_of(project)
+    batch = StudentSource(prepared, TASK_NAMES, stores, augment=False, seed=0).read_chunk(0)
+    images = torch.from_numpy(batch["image"])
+    teachers = {t: load_teacher(project / f"models/teachers/{t}.pt")[0] for t in TASK_NAMES}
+    torch.manual_seed(0)
+    student = {"bottleneck": torch.randn(4, 8, 4, 6), "decoder": torch.randn(4, 4, 16, 24)}
+    channels = {t: teachers[t].feature_channels() for t in TASK_NAMES}
+    distiller = Distiller({"bottleneck": 8, "decoder": 4}, channels, PARAMS_KD_WEIGHTS)
+    cached = {
+        t: {n: torch.from_numpy(batch[f"{t}.{n}"]) for n in ("bottleneck", "decoder")}
+        for t in TASK_NAMES
+    }
+    with torch.no_grad():
+        online = {t: teachers[t](images).features for t in TASK_NAMES}
+        cached_loss, cached_parts = distiller(student, cached)
+        online_loss, online_parts = distiller(student, online)
+    assert cached_loss.item() == pytest.approx(online_loss.item(), rel=2e-3)
+    for key in cached_parts:
+        assert cached_parts[key].item() == pytest.approx(online_parts[key].item(), rel=2e-3)
+    assert cached_loss.item() != online_loss.item()  # float16 rounding is there, and small
+
+
+PARAMS_KD_WEIGHTS = {"semseg": 1.0, "depth": 1.0, "normal": 2.0}
+
+
+def test_online_kd_trains_from_the_teachers(project: Path):
+    shutil.rmtree(project / "features")
+    student = PARAMS["student"] | {"kd_source": "online"}
+    write_params(project, PARAMS | {"student": student})
+    result = kdmtl("train-student")
+    assert result.exit_code == 0, result.output
+    assert "dist_depth.decoder" in result.output
+
+
+def test_unknown_method_and_missing_kd_weight(project: Path):
+    write_params(project, PARAMS | {"student": {"method": "magic"}})
+    result = kdmtl("train-student")
+    assert result.exit_code == 2 and "'magic' is not a method; allowed: kd, ew" in result.output
+    write_params(project, PARAMS | {"student": {"kd_weights": {"semseg": 1, "depth": 1}}})
+    result = kdmtl("train-student")
+    assert result.exit_code == 2
+    assert "student.kd_weights has no weight for task 'normal'" in result.output
+
+
+# Evaluation.
+
+
+def test_evaluate_compares_the_student_with_its_teachers(project: Path):
+    assert kdmtl("train-student").exit_code == 0
+    result = kdmtl("evaluate")
+    assert result.exit_code == 0, result.output
+    assert "Delta_MTL of the student against its teachers:" in result.output
+    report = EvaluationReport.model_validate_json((project / "metrics/eval.json").read_text())
+    tasks = make_tasks(TASK_NAMES, 7)
+    assert set(report.student) == set(report.teachers) == set(TASK_NAMES)
+    for task in TASK_NAMES:
+        assert set(report.student[task]) == set(TASKS[task].directions)
+        teacher_metrics = json.loads((project / f"metrics/teachers/{task}.json").read_text())
+        for metric, value in report.teachers[task].items():
+            assert value == pytest.approx(teacher_metrics["test"][metric], rel=1e-6)
+    recomputed = delta_mtl(report.teachers, report.student, higher_is_better(tasks))
+    assert report.delta_mtl == pytest.approx(recomputed)
+    assert report.delta_mtl == pytest.approx(sum(report.delta_per_task.values()) / 3)
+    picture = Image.open(project / "plots/eval/predictions.png")
+    assert picture.size[1] > 4 * 16 * 2  # four rows of doubled 16-pixel images, and titles
+    assert picture.size[0] >= 10 * 24 * 2  # input and three columns per task
+
+
+def test_evaluate_without_a_student_says_to_train_one(project: Path):
+    result = kdmtl("evaluate")
+    assert result.exit_code == 2
+    assert "no student at models/student.pt: run `kdmtl train-student` first" in result.output
