@@ -23,7 +23,7 @@ KDMTL = str(Path(sys.executable).parent / "kdmtl")
 
 def run_one(folder: Path, method: str, seed: int) -> dict:
     params = yaml.safe_load(Path("params.yaml").read_text())
-    params["seed"] = seed
+    params["student"]["seed"] = seed
     params["student"]["method"] = method
     out = folder / f"{method}-{seed}"
     params["paths"] |= {

@@ -44,7 +44,7 @@ def epoch_seconds(params: Params, method: str, kd_source: str, epochs: int) -> f
         }
     started = time.perf_counter()
     train_student(
-        prepared, params.tasks, params.student_model, config, params.loader, params.seed, CPU,
+        prepared, params.tasks, params.student_model, config, params.loader, CPU,
         stores=stores, teachers=teachers, progress=False,
     )  # fmt: skip
     return (time.perf_counter() - started) / epochs

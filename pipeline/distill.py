@@ -50,12 +50,17 @@ class Distiller(nn.Module):
                 nn.init.xavier_normal_(module.weight)
 
     def forward(
-        self, student: dict[str, torch.Tensor], teachers: dict[str, dict[str, torch.Tensor]]
+        self,
+        student: dict[str, dict[str, torch.Tensor]],
+        teachers: dict[str, dict[str, torch.Tensor]],
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The weighted total, sum_t lambda_t (d_bottleneck + d_decoder), and each distance,
-        keyed `TASK.FEATURE`."""
+        keyed `TASK.FEATURE`; `student[t]` holds the student's taps that serve task t (shared in
+        SegNet, attended in MTAN)."""
         distances = {
-            f"{task}.{name}": feature_distance(adaptors[name](student[name]), teachers[task][name])
+            f"{task}.{name}": feature_distance(
+                adaptors[name](student[task][name]), teachers[task][name]
+            )
             for task, adaptors in self.adaptors.items()
             for name in FEATURES
         }

@@ -73,8 +73,10 @@ def feature_shapes(teacher: Architecture, height: int, width: int) -> dict[str, 
     """(C, h, w) of each feature tap for images of the given size."""
     with torch.inference_mode():
         device = next(teacher.parameters()).device
-        output = teacher.eval()(torch.zeros(1, 3, height, width, device=device))
-    return {name: tuple(output.features[name].shape[1:]) for name in FEATURES}
+        features = teacher.eval().distilled_features(
+            torch.zeros(1, 3, height, width, device=device)
+        )
+    return {name: tuple(features[name].shape[1:]) for name in FEATURES}
 
 
 def plan_manifest(
@@ -354,7 +356,7 @@ def teacher_features(
         samples = torch.tensor([i for i, _ in batch])
         batch_views = np.stack([views[i, v] for i, v in batch])
         inputs, _ = apply_views(batch_views, images[samples], {})
-        for name, feature in teacher(inputs.to(device)).features.items():
+        for name, feature in teacher.distilled_features(inputs.to(device)).items():
             if name not in outputs:
                 outputs[name] = torch.empty((len(pairs), *feature.shape[1:]), dtype=dtype)
             outputs[name][first : first + len(batch)] = feature

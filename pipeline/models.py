@@ -6,10 +6,11 @@ class is a single-task teacher (one head) and a multi-task student (one head per
 """
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pipeline.registry import Registry
@@ -20,7 +21,13 @@ FEATURES = ("bottleneck", "decoder")
 @dataclass
 class ModelOutput:
     predictions: dict[str, torch.Tensor]  # task -> raw head output [B, C, H, W]
-    features: dict[str, torch.Tensor]  # tap name -> feature map [B, C, h, w]
+    features: dict[str, torch.Tensor]  # shared tap name -> feature map [B, C, h, w]
+    task_features: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+    def features_of(self, task: str) -> dict[str, torch.Tensor]:
+        """The taps that serve `task`: its own (attended) features where the architecture has
+        them, else the shared ones."""
+        return self.task_features.get(task, self.features)
 
 
 class Architecture(nn.Module, ABC):
@@ -33,9 +40,14 @@ class Architecture(nn.Module, ABC):
         self.filters = list(filters)
         self.heads = dict(heads)
 
-    def shared_parameters(self) -> list[nn.Parameter]:
-        """Parameters of every task: all but the heads."""
-        return [p for name, p in self.named_parameters() if not name.startswith("task_heads.")]
+    def distilled_features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A single-task network's (a teacher's) feature taps for its task."""
+        (task,) = self.heads
+        return self(images).features_of(task)
+
+    @abstractmethod
+    def last_shared_layer(self) -> list[nn.Parameter]:
+        """Weights of the last layer all tasks share (GradNorm balances gradient norms there)."""
 
     @abstractmethod
     def feature_channels(self) -> dict[str, int]:
@@ -117,20 +129,118 @@ class SegNet(Architecture):
     def feature_channels(self) -> dict[str, int]:
         return {"bottleneck": self.filters[-1], "decoder": self.filters[0]}
 
-    def forward(self, images: torch.Tensor) -> ModelOutput:
-        x = images
-        indices, sizes = [], []
+    def last_shared_layer(self) -> list[nn.Parameter]:
+        return [self.decoder[0][-1][0].weight]
+
+    def shared_pass(self, images: torch.Tensor) -> "SharedPass":
+        """The encoder and decoder, keeping each level's intermediate features."""
+        p = SharedPass([], [], [], [], images)
+        x, indices = images, []
         for block in self.encoder:
-            x = block(x)
-            sizes.append(x.shape[-2:])
+            p.encoder_first.append(block[0](x))
+            x = block[1:](p.encoder_first[-1])
+            p.encoder_out.append(x)
             x, index = self.pool(x)
             indices.append(index)
-        bottleneck = x
+        p.bottleneck = x
+        unpooled, decoded = {}, {}
         for level in reversed(range(len(self.encoder))):
-            x = self.unpool(x, indices[level], output_size=sizes[level])
+            x = self.unpool(x, indices[level], output_size=p.encoder_out[level].shape[-2:])
+            unpooled[level] = x
             x = self.decoder[level](x)
+            decoded[level] = x
+        p.unpooled = [unpooled[level] for level in range(len(self.encoder))]
+        p.decoder_out = [decoded[level] for level in range(len(self.encoder))]
+        return p
+
+    def forward(self, images: torch.Tensor) -> ModelOutput:
+        p = self.shared_pass(images)
+        x = p.decoder_out[0]
         predictions = {task: head(x) for task, head in self.task_heads.items()}
-        return ModelOutput(predictions, {"bottleneck": bottleneck, "decoder": x})
+        return ModelOutput(predictions, {"bottleneck": p.bottleneck, "decoder": x})
+
+
+@dataclass
+class SharedPass:
+    """Per level (index 0 is the full resolution): the output of the encoder's first convolution
+    and of the whole encoder block, the decoder's unpooled input and its output."""
+
+    encoder_first: list[torch.Tensor]
+    encoder_out: list[torch.Tensor]
+    unpooled: list[torch.Tensor]
+    decoder_out: list[torch.Tensor]
+    bottleneck: torch.Tensor
+
+
+def attention(in_channels: int, out_channels: int) -> nn.Sequential:
+    """MTAN's attention module: two 1x1 conv-BN, ReLU between, a sigmoid mask at the end."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size=1),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(out_channels, out_channels, kernel_size=1),
+        nn.BatchNorm2d(out_channels),
+        nn.Sigmoid(),
+    )
+
+
+@ARCHITECTURES.register
+class MTAN(SegNet):
+    """Multi-Task Attention Network (Liu et al., 2019): the shared SegNet, and per task a branch of
+    attention masks over the shared features at every encoder and decoder level.
+
+    At encoder level j, task t's mask is computed from the level's first shared feature (and the
+    branch's feature from the level above), multiplies the level's shared output, and a shared
+    conv and a pool carry it down; the decoder mirrors it with bilinear upsampling. Each head reads
+    its task's attended decoder feature. Taps per task: `bottleneck` (the branch's encoder output)
+    and `decoder` (the attended feature before the head), which `kd` distils; the shared SegNet
+    taps stay in `features`.
+    """
+
+    name: ClassVar[str] = "mtan"
+
+    def __init__(self, filters: list[int], heads: dict[str, int]) -> None:
+        super().__init__(filters, heads)
+        f, levels = filters, len(filters)
+        self.encoder_attention = nn.ModuleDict(
+            {
+                task: nn.ModuleList(
+                    [attention(f[j] * (1 if j == 0 else 2), f[j]) for j in range(levels)]
+                )
+                for task in heads
+            }
+        )
+        self.decoder_attention = nn.ModuleDict(
+            {
+                task: nn.ModuleList([attention(2 * f[j], f[max(j - 1, 0)]) for j in range(levels)])
+                for task in heads
+            }
+        )
+        self.encoder_branch = nn.ModuleList(
+            [conv_bn_relu(f[j], f[min(j + 1, levels - 1)]) for j in range(levels)]
+        )
+        self.decoder_branch = nn.ModuleList([conv_bn_relu(f[j], f[j]) for j in range(levels)])
+        init_weights(self)
+
+    def forward(self, images: torch.Tensor) -> ModelOutput:
+        p = self.shared_pass(images)
+        predictions, task_features = {}, {}
+        for task in self.task_heads:
+            t = None
+            for j in range(len(self.filters)):
+                inputs = p.encoder_first[j] if t is None else torch.cat([p.encoder_first[j], t], 1)
+                attended = self.encoder_attention[task][j](inputs) * p.encoder_out[j]
+                t = F.max_pool2d(self.encoder_branch[j](attended), kernel_size=2, stride=2)
+            bottleneck = t
+            for j in reversed(range(len(self.filters))):
+                t = F.interpolate(t, p.unpooled[j].shape[-2:], mode="bilinear", align_corners=True)
+                t = self.decoder_branch[j](t)
+                mask = self.decoder_attention[task][j](torch.cat([p.unpooled[j], t], 1))
+                t = mask * p.decoder_out[j]
+            task_features[task] = {"bottleneck": bottleneck, "decoder": t}
+            predictions[task] = self.task_heads[task](t)
+        shared = {"bottleneck": p.bottleneck, "decoder": p.decoder_out[0]}
+        return ModelOutput(predictions, shared, task_features)
 
 
 def build_model(arch: str, filters: list[int], heads: dict[str, int]) -> Architecture:

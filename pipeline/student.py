@@ -139,7 +139,6 @@ def train_student(
     model_params: ModelParams,
     config: StudentParams,
     loader: LoaderParams,
-    seed: int,
     device: torch.device,
     augment: bool = False,
     stores: dict[str, FeatureStore] | None = None,
@@ -151,11 +150,12 @@ def train_student(
     With `config.method == "kd"` the distillation targets come from `stores` (cached features,
     no teacher runs) or from `teachers` run on every batch (`kd_source: online`)."""
     tasks = make_tasks(task_names, prepared.manifest.num_classes)
+    seed = config.seed
     torch.manual_seed(seed)
     heads = {name: task.channels for name, task in tasks.items()}
     model = build_model(model_params.arch, model_params.filters, heads).to(device).train()
     distil = config.method == "kd"
-    weighting = WEIGHTINGS[config.weighting if distil else config.method](task_names)
+    weighting = WEIGHTINGS[config.weighting if distil else config.method](task_names, config)
     optimizer = make_optimizer([*model.parameters(), *weighting.parameters()], config)
     optimizers, schedulers = [optimizer], [make_scheduler(optimizer, config)]
     distiller = None
@@ -181,7 +181,7 @@ def train_student(
     stream = ChunkStream(source, config.batch_size, True, seed, loader.buffer_chunks)
     test_stream = ChunkStream(PreparedSplit(prepared, "test", task_names), config.batch_size, False)
     test_batches = make_loader(test_stream, num_workers=0)
-    shared = model.shared_parameters()
+    last_shared = model.last_shared_layer()
 
     def step(batch: Batch) -> dict[str, float]:
         output = model(batch["image"])
@@ -196,11 +196,13 @@ def train_student(
             else:
                 with torch.no_grad():
                     targets = {
-                        t: teacher(batch["image"]).features for t, teacher in teachers.items()
+                        t: teacher.distilled_features(batch["image"])
+                        for t, teacher in teachers.items()
                     }
-            extra, distances = distiller(output.features, targets)
+            student = {task: output.features_of(task) for task in tasks}
+            extra, distances = distiller(student, targets)
             logs |= {f"dist_{key}": value.item() for key, value in distances.items()}
-        context = StepContext(output.features["decoder"], shared)
+        context = StepContext(output.features["decoder"], last_shared)
         weights = weighting.backward(losses, extra, context)
         if weighting.name != "ew":
             logs |= {f"weight_{name}": value for name, value in weights.items()}

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from pipeline.registry import Registry
+from schemas.params import StudentParams
 
 
 @dataclass
@@ -20,13 +21,13 @@ class StepContext:
     """What gradient-based methods may need about the batch's forward pass."""
 
     representation: torch.Tensor  # the last shared feature, part of the graph
-    shared_parameters: list[nn.Parameter]
+    last_shared: list[nn.Parameter]  # the parameters of the last shared layer
 
 
 class Weighting(ABC):
     name: ClassVar[str]
 
-    def __init__(self, tasks: list[str]) -> None:
+    def __init__(self, tasks: list[str], config: StudentParams) -> None:
         self.tasks = list(tasks)
 
     def parameters(self) -> list[nn.Parameter]:
@@ -58,3 +59,146 @@ class EqualWeights(Weighting):
             total = total + extra
         total.backward()
         return dict.fromkeys(losses, 1.0)
+
+
+@WEIGHTINGS.register
+class DynamicWeightAverage(Weighting):
+    """DWA (Liu et al., 2019): w_k = K softmax_k(r_k / T), where r_k is task k's mean loss in the
+    last epoch over the one before; equal weights for the first two epochs."""
+
+    name: ClassVar[str] = "dwa"
+    temperature: ClassVar[float] = 2.0
+
+    def __init__(self, tasks: list[str], config: StudentParams) -> None:
+        super().__init__(tasks, config)
+        self.history: list[dict[str, float]] = []
+
+    def weights(self) -> dict[str, float]:
+        if len(self.history) < 2:
+            return dict.fromkeys(self.tasks, 1.0)
+        last, before = self.history[-1], self.history[-2]
+        ratios = torch.tensor([last[t] / before[t] for t in self.tasks], dtype=torch.float64)
+        weights = len(self.tasks) * torch.softmax(ratios / self.temperature, dim=0)
+        return dict(zip(self.tasks, weights.tolist(), strict=True))
+
+    def backward(self, losses, extra, context):
+        weights = self.weights()
+        total = sum(weights[t] * losses[t] for t in self.tasks)
+        (total if extra is None else total + extra).backward()
+        return weights
+
+    def end_epoch(self, mean_losses):
+        self.history.append(dict(mean_losses))
+
+
+@WEIGHTINGS.register
+class UncertaintyWeighting(Weighting):
+    """UW (Kendall et al., 2018) in LibMTL's form: sum_k L_k / (2 exp(s_k)) + s_k / 2, with
+    learnt log-variances s_k starting at -0.5."""
+
+    name: ClassVar[str] = "uw"
+
+    def __init__(self, tasks: list[str], config: StudentParams) -> None:
+        super().__init__(tasks, config)
+        self.log_variance = nn.Parameter(torch.full((len(tasks),), -0.5))
+
+    def parameters(self):
+        return [self.log_variance]
+
+    def backward(self, losses, extra, context):
+        s = self.log_variance
+        stacked = torch.stack([losses[t] for t in self.tasks])
+        total = (stacked / (2 * s.exp()) + s / 2).sum()
+        (total if extra is None else total + extra).backward()
+        weights = (1 / (2 * s.detach().exp())).tolist()
+        return dict(zip(self.tasks, weights, strict=True))
+
+
+@WEIGHTINGS.register
+class GradNorm(Weighting):
+    """GradNorm (Chen et al., 2018): task weights w = K softmax(theta), learnt so that each task's
+    gradient norm at the last shared layer, G_k = |grad_W w_k L_k|, moves towards
+    mean(G) r_k^alpha, where r_k is task k's loss relative to its first, over the mean of those:
+    a task that trains slower gets a larger weight. The network is trained on sum_k w_k L_k.
+    Each task's gradient is reduced to its norm before the next is computed."""
+
+    name: ClassVar[str] = "gradnorm"
+
+    def __init__(self, tasks: list[str], config: StudentParams) -> None:
+        super().__init__(tasks, config)
+        self.alpha = config.gradnorm_alpha
+        self.theta = nn.Parameter(torch.zeros(len(tasks)))
+        self.initial: torch.Tensor | None = None
+
+    def parameters(self):
+        return [self.theta]
+
+    def current_weights(self) -> torch.Tensor:
+        return len(self.tasks) * torch.softmax(self.theta, dim=0)
+
+    def backward(self, losses, extra, context):
+        stacked = torch.stack([losses[t] for t in self.tasks])
+        if self.initial is None:
+            self.initial = stacked.detach().clone()
+        norms = torch.stack([_gradient_norm(losses[t], context.last_shared) for t in self.tasks])
+        weights = self.current_weights()
+        weighted_norms = weights * norms
+        relative = stacked.detach() / self.initial
+        target = (weighted_norms.mean() * (relative / relative.mean()) ** self.alpha).detach()
+        balance = (weighted_norms - target).abs().sum()
+        (self.theta.grad,) = torch.autograd.grad(balance, self.theta)
+        total = (weights.detach() * stacked).sum()
+        (total if extra is None else total + extra).backward()
+        return dict(zip(self.tasks, weights.detach().tolist(), strict=True))
+
+
+def _gradient_norm(loss: torch.Tensor, parameters: list[nn.Parameter]) -> torch.Tensor:
+    """|d loss / d parameters|, keeping the graph for the backward pass that follows."""
+    grads = torch.autograd.grad(loss, parameters, retain_graph=True)
+    return torch.sqrt(sum(g.pow(2).sum() for g in grads))
+
+
+def min_norm_weights(gram: torch.Tensor, iterations: int = 250, tolerance: float = 1e-6):
+    """Weights alpha on the simplex minimising |sum_k alpha_k g_k|^2, from the Gram matrix
+    G_ij = g_i . g_j, by Frank-Wolfe with exact line search (the MGDA solver)."""
+    count = gram.shape[0]
+    alpha = torch.full((count,), 1.0 / count, dtype=gram.dtype)
+    for _ in range(iterations):
+        g_alpha = gram @ alpha  # (sum_k alpha_k g_k) . g_i for each i
+        vertex = int(torch.argmin(g_alpha))
+        vv = alpha @ g_alpha  # |v|^2
+        vg = g_alpha[vertex]  # v . g_t
+        gg = gram[vertex, vertex]  # |g_t|^2
+        denominator = vv - 2 * vg + gg
+        if denominator <= 1e-12:
+            break
+        step = torch.clamp((vv - vg) / denominator, 0.0, 1.0)
+        update = (1 - step) * alpha
+        update[vertex] += step
+        if (update - alpha).abs().sum() < tolerance:
+            alpha = update
+            break
+        alpha = update
+    return alpha
+
+
+@WEIGHTINGS.register
+class MGDA(Weighting):
+    """MGDA-UB (Sener and Koltun, 2018): the weights of the min-norm point in the convex hull of the
+    task gradients with respect to the shared representation (an upper bound of the shared
+    parameters' problem, one backward pass per task through the heads only)."""
+
+    name: ClassVar[str] = "mgda"
+
+    def backward(self, losses, extra, context):
+        representation = context.representation
+        grads = [
+            torch.autograd.grad(losses[t], representation, retain_graph=True)[0].flatten()
+            for t in self.tasks
+        ]
+        stacked = torch.stack(grads).double()
+        alpha = min_norm_weights(stacked @ stacked.T).float()
+        del grads, stacked
+        total = sum(alpha[k] * losses[t] for k, t in enumerate(self.tasks))
+        (total if extra is None else total + extra).backward()
+        return dict(zip(self.tasks, alpha.tolist(), strict=True))

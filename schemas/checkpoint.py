@@ -31,7 +31,6 @@ class StudentMetadata(Contract):
     tasks: list[str]
     model: ModelSpec
     train: StudentParams
-    seed: int
     augment: bool
     prepared_fingerprint: str
     distilled_from: dict[

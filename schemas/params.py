@@ -146,6 +146,8 @@ class StudentParams(TrainParams):
     )
     adaptor_lr: float = Field(0.1, gt=0, description="Adam learning rate of the adaptors.")
     adaptor_weight_decay: float = Field(5e-4, ge=0)
+    gradnorm_alpha: float = Field(1.5, ge=0, description="GradNorm's asymmetry alpha.")
+    seed: int = Field(0, ge=0, description="Seed of the student's initialisation and batches.")
 
     @field_validator("method", "weighting")
     @classmethod
@@ -196,12 +198,13 @@ class PathParams(Contract):
     student: str = "models/student.pt"
     metrics: str = "metrics"
     plots: str = "plots"
+    report: str = Field("reports", description="Folder of `kdmtl report`'s table and chart.")
 
 
 class Params(Contract):
     """The whole params file."""
 
-    seed: int = Field(0, ge=0, description="Seed of model initialisation and training order.")
+    seed: int = Field(0, ge=0, description="Seed of the teachers' initialisation and order.")
     device: str = Field(
         "auto", description="auto (CUDA when present, else CPU), cpu, cuda or cuda:N."
     )

@@ -7,6 +7,7 @@ from stages import (
     extract_features,
     inspect_store,
     prepare,
+    report,
     train_student,
     train_teacher,
     verify_store,
@@ -29,6 +30,7 @@ for module in (
     extract_features,
     train_student,
     evaluate,
+    report,
     inspect_store,
     verify_store,
 ):

@@ -1,6 +1,9 @@
 """Shared fixtures: a tiny project folder with its params, and a runner for the `kdmtl` CLI."""
 
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,11 +13,13 @@ from click.testing import CliRunner, Result
 from stages.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
 
 TINY_PARAMS = {
     "data": {"num_train": 12, "num_test": 6, "height": 16, "width": 24, "chunk_size": 4},
     "model": {"filters": [4, 8]},
     "teacher": {"epochs": 2, "batch_size": 4},
+    "student": {"epochs": 1, "batch_size": 4},
 }
 
 
@@ -41,3 +46,29 @@ def kdmtl(*args: str) -> Result:
 
 def files_under(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+def run(*command: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = os.environ | {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def copy_project(target: Path, changes: dict) -> None:
+    """The repository's pipeline, with `changes` merged into each params section."""
+    for name in ("pipeline", "stages", "schemas"):
+        shutil.copytree(REPO / name, target / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "dvc.yaml", target / "dvc.yaml")
+    write_repo_params(target, changes)
+
+
+def write_repo_params(target: Path, changes: dict) -> None:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for section, values in changes.items():
+        params[section].update(values)
+    (target / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def dvc(*args: str, cwd: Path) -> str:
+    result = run(sys.executable, "-m", "dvc", *args, cwd=cwd)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout

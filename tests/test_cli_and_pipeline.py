@@ -1,27 +1,15 @@
 """The command line as installed, the DVC pipeline, and the direction of imports between layers."""
 
 import ast
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import click
 import pytest
-import yaml
-from conftest import REPO, kdmtl
+from conftest import BIN, REPO, TINY_PARAMS, copy_project, dvc, kdmtl, run, write_repo_params
 
 from pipeline.data.prepared import open_prepared
 from pipeline.features import FeatureStore
 from stages.cli import main
-
-BIN = Path(sys.executable).parent
-
-
-def run(*command: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = os.environ | {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_help_lists_every_command_with_a_description():
@@ -47,37 +35,8 @@ def test_the_console_script_is_installed(tmp_path: Path):
     assert "prepare" in result.stdout
 
 
-def copy_project(target: Path, changes: dict) -> None:
-    """The repository's pipeline, with `changes` merged into each params section."""
-    for name in ("pipeline", "stages", "schemas"):
-        shutil.copytree(REPO / name, target / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO / "dvc.yaml", target / "dvc.yaml")
-    write_repo_params(target, changes)
-
-
-def write_repo_params(target: Path, changes: dict) -> None:
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    for section, values in changes.items():
-        params[section].update(values)
-    (target / "params.yaml").write_text(yaml.safe_dump(params))
-
-
-def dvc(*args: str, cwd: Path) -> str:
-    result = run(sys.executable, "-m", "dvc", *args, cwd=cwd)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout
-
-
-TINY = {
-    "data": {"num_train": 8, "num_test": 4, "height": 16, "width": 16, "chunk_size": 4},
-    "model": {"filters": [4, 8]},
-    "teacher": {"epochs": 1, "batch_size": 4},
-    "student": {"epochs": 1, "batch_size": 4},
-}
-
-
 def test_dvc_repro_runs_the_pipeline_and_reruns_only_what_changed(tmp_path: Path):
-    copy_project(tmp_path, TINY)
+    copy_project(tmp_path, TINY_PARAMS)
     dvc("init", "--no-scm", "-q", cwd=tmp_path)
     first = dvc("repro", cwd=tmp_path)
     for task in ("semseg", "depth", "normal"):
@@ -87,7 +46,7 @@ def test_dvc_repro_runs_the_pipeline_and_reruns_only_what_changed(tmp_path: Path
     assert "Running stage 'train_student'" in first and "Running stage 'evaluate'" in first
     assert (tmp_path / "metrics" / "eval.json").is_file()
     store = open_prepared(tmp_path / "data" / "prepared.zarr")
-    assert store.manifest.splits["train"].num_samples == 8
+    assert store.manifest.splits["train"].num_samples == 12
     assert {p.name for p in (tmp_path / "models" / "teachers").iterdir()} == {
         "semseg.pt",
         "depth.pt",
@@ -104,8 +63,10 @@ def test_dvc_repro_runs_the_pipeline_and_reruns_only_what_changed(tmp_path: Path
     assert "predictions.png" in html
     assert "delta_mtl" in metrics
 
-    teacher = TINY["teacher"] | {"overrides": {"semseg": {}, "depth": {"lr": 0.01}, "normal": {}}}
-    write_repo_params(tmp_path, TINY | {"teacher": teacher})
+    teacher = TINY_PARAMS["teacher"] | {
+        "overrides": {"semseg": {}, "depth": {"lr": 0.01}, "normal": {}}
+    }
+    write_repo_params(tmp_path, TINY_PARAMS | {"teacher": teacher})
     again = dvc("repro", cwd=tmp_path)
     assert "Running stage 'train_teacher@depth'" in again
     assert "Running stage 'extract_features@depth'" in again

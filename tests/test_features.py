@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import TINY_PARAMS, kdmtl, write_params
+from conftest import BIN, TINY_PARAMS, kdmtl, write_params
 
 from pipeline.augment import apply_view, draw_views
 from pipeline.checkpoints import load_checkpoint, load_teacher, save_checkpoint
@@ -26,7 +26,6 @@ from stages.extract_features import parse_shard_of
 
 # 12 training samples in chunks of 4, one chunk per shard: three shards.
 FEATURE_PARAMS = TINY_PARAMS | {"features": {"shard_chunks": 1, "batch_size": 5}}
-BIN = Path(sys.executable).parent
 STORE = Path("features/depth.zarr")
 
 

@@ -54,3 +54,38 @@ def test_unknown_architecture_lists_the_known_ones():
     with pytest.raises(Exception, match="unknown architecture 'unet'; known: segnet"):
         build_model("unet", [4], {"depth": 1})
     assert "segnet" in ARCHITECTURES
+
+
+def test_mtan_has_attended_taps_per_task_over_the_shared_segnet():
+    model = build_model("mtan", [4, 8, 16], {"semseg": 7, "normal": 3})
+    output = model(torch.randn(2, 3, 24, 32))
+    assert set(output.task_features) == {"semseg", "normal"}
+    for task in ("semseg", "normal"):
+        taps = output.features_of(task)
+        assert taps["bottleneck"].shape == (2, 16, 3, 4)
+        assert taps["decoder"].shape == (2, 4, 24, 32)
+        assert not torch.equal(taps["decoder"], output.features["decoder"])
+    assert output.predictions["normal"].shape == (2, 3, 24, 32)
+    # Without a branch of its own, a task reads the shared taps.
+    assert output.features_of("depth") is output.features
+    assert model.feature_channels() == {"bottleneck": 16, "decoder": 4}
+
+
+def test_mtan_task_features_are_the_shared_features_gated_by_masks_in_zero_one():
+    model = build_model("mtan", [4, 8], {"depth": 1}).eval()
+    output = model(torch.randn(2, 3, 16, 16))
+    shared, attended = output.features["decoder"], output.task_features["depth"]["decoder"]
+    assert (attended.abs() <= shared.abs()).all()
+    assert (attended[shared == 0] == 0).all()
+    assert (attended[shared > 0] > 0).all()
+
+
+def test_the_teacher_taps_of_a_single_task_network():
+    segnet = build_model("segnet", [4, 8], {"depth": 1}).eval()
+    images = torch.randn(1, 3, 16, 16)
+    assert torch.equal(
+        segnet.distilled_features(images)["decoder"], segnet(images).features["decoder"]
+    )
+    mtan = build_model("mtan", [4, 8], {"depth": 1}).eval()
+    expected = mtan(images).task_features["depth"]["decoder"]
+    assert torch.equal(mtan.distilled_features(images)["decoder"], expected)

@@ -108,7 +108,7 @@ def test_distiller_adaptors_and_weighted_total():
         task: {"bottleneck": torch.randn(2, 16, 2, 3), "decoder": torch.randn(2, 4, 8, 12)}
         for task in ("depth", "normal")
     }
-    total, distances = distiller(student, teachers)
+    total, distances = distiller({"depth": student, "normal": student}, teachers)
     assert set(distances) == {
         "depth.bottleneck",
         "depth.decoder",
@@ -266,9 +266,10 @@ def test_online_and_cached_distillation_agree_on_the_same_batch(project: Path):
         for t in TASK_NAMES
     }
     with torch.no_grad():
-        online = {t: teachers[t](images).features for t in TASK_NAMES}
-        cached_loss, cached_parts = distiller(student, cached)
-        online_loss, online_parts = distiller(student, online)
+        online = {t: teachers[t].distilled_features(images) for t in TASK_NAMES}
+        per_task = dict.fromkeys(TASK_NAMES, student)
+        cached_loss, cached_parts = distiller(per_task, cached)
+        online_loss, online_parts = distiller(per_task, online)
     assert cached_loss.item() == pytest.approx(online_loss.item(), rel=2e-3)
     for key in cached_parts:
         assert cached_parts[key].item() == pytest.approx(online_parts[key].item(), rel=2e-3)
@@ -290,7 +291,8 @@ def test_online_kd_trains_from_the_teachers(project: Path):
 def test_unknown_method_and_missing_kd_weight(project: Path):
     write_params(project, PARAMS | {"student": {"method": "magic"}})
     result = kdmtl("train-student")
-    assert result.exit_code == 2 and "'magic' is not a method; allowed: kd, ew" in result.output
+    assert result.exit_code == 2
+    assert "'magic' is not a method; allowed: kd, ew, dwa, uw, gradnorm, mgda" in result.output
     write_params(project, PARAMS | {"student": {"kd_weights": {"semseg": 1, "depth": 1}}})
     result = kdmtl("train-student")
     assert result.exit_code == 2
@@ -325,3 +327,43 @@ def test_evaluate_without_a_student_says_to_train_one(project: Path):
     result = kdmtl("evaluate")
     assert result.exit_code == 2
     assert "no student at models/student.pt: run `kdmtl train-student` first" in result.output
+
+
+@pytest.mark.parametrize(
+    ("method", "weighting"),
+    [("dwa", "ew"), ("uw", "ew"), ("gradnorm", "ew"), ("mgda", "ew"), ("kd", "uw"), ("kd", "mgda")],
+)
+def test_every_method_trains_and_logs_its_weights(project: Path, method: str, weighting: str):
+    student = PARAMS["student"] | {"method": method, "weighting": weighting, "epochs": 2}
+    write_params(project, PARAMS | {"student": student})
+    result = kdmtl("train-student")
+    assert result.exit_code == 0, result.output
+    curves = {p.stem for p in (project / "plots/student").iterdir()}
+    assert {"weight_semseg", "weight_depth", "weight_normal"} <= curves
+    assert any(name.startswith("dist_") for name in curves) == (method == "kd")
+
+
+def test_an_mtan_student_distils_its_attended_features(project: Path):
+    student = PARAMS["student"] | {"model": {"arch": "mtan", "filters": [4, 8]}}
+    write_params(project, PARAMS | {"student": student})
+    result = kdmtl("train-student")
+    assert result.exit_code == 0, result.output
+    state = torch.load(project / "models/student.pt", weights_only=True)
+    assert state["metadata"]["model"]["arch"] == "mtan"
+    assert any(key.startswith("encoder_attention.normal") for key in state["state_dict"])
+    assert kdmtl("evaluate").exit_code == 0
+
+
+def test_mtan_teachers_cache_their_attended_features(project: Path):
+    write_params(project, PARAMS | {"model": {"arch": "mtan", "filters": [4, 8]}})
+    for task in TASK_NAMES:
+        assert kdmtl("train-teacher", "--teacher", task).exit_code == 0
+        assert kdmtl("extract-features", "--teacher", task).exit_code == 0
+    teacher, _ = load_teacher(project / "models/teachers/depth.pt")
+    image = open_prepared(project / "data/prepared.zarr").array("train", "image")[:1] / 255
+    with torch.no_grad():
+        attended = teacher(torch.from_numpy(image).float()).task_features["depth"]["decoder"]
+    stored = FeatureStore.open(project / "features/depth.zarr").array("decoder")[0, 0]
+    np.testing.assert_allclose(stored, attended[0].numpy(), rtol=2**-10, atol=1e-4)
+    assert kdmtl("verify", "features/depth.zarr").exit_code == 0
+    assert kdmtl("train-student").exit_code == 0
