@@ -30,14 +30,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import zarr
-from pydantic import ValidationError
 from tqdm import tqdm
 from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.codecs.numcodecs import BitRound
 
 from pipeline import __version__
 from pipeline.augment import SCALES, apply_views, draw_views
-from pipeline.data.prepared import MANIFEST_KEY, PreparedSplit, PreparedStore
+from pipeline.data.prepared import MANIFEST_KEY, PreparedSplit, PreparedStore, read_manifest
 from pipeline.errors import DataError, KdmtlError
 from pipeline.models import FEATURES, Architecture
 from schemas.features import FeatureArrayInfo, FeatureManifest, ViewSpec
@@ -140,16 +139,8 @@ class FeatureStore:
 
     @classmethod
     def open(cls, path: Path) -> "FeatureStore":
-        path = Path(path)
-        if not (path / "zarr.json").is_file():
-            raise DataError(f"no feature store at {path}: run `kdmtl extract-features` first")
-        attrs = zarr.open_group(path, mode="r").attrs.asdict()
-        if MANIFEST_KEY not in attrs:
-            raise DataError(f"{path} is not a kdmtl feature store (no manifest)")
-        try:
-            return cls(path, FeatureManifest.model_validate(attrs[MANIFEST_KEY]))
-        except ValidationError as error:
-            raise DataError(f"{path} has an invalid manifest: {error.errors()[0]['msg']}") from None
+        remedy = "run `kdmtl extract-features` first"
+        return cls(Path(path), read_manifest(path, FeatureManifest, "feature store", remedy))
 
     @classmethod
     def create(cls, path: Path, manifest: FeatureManifest, config: FeatureParams) -> "FeatureStore":

@@ -37,12 +37,15 @@ def method_label(params: dict) -> str:
 
 
 def _records(records: list[dict]) -> Iterator[dict]:
-    """Every committed run and experiment; the workspace only repeats one of them."""
+    """Every committed run and finished experiment; the workspace only repeats one of them, and a
+    queued or running experiment still shows its baseline's metrics."""
     for record in records:
         if record.get("rev") != "workspace":
             yield record
         for experiment in record.get("experiments") or []:
-            yield from experiment.get("revs", [])
+            state = (experiment.get("executor") or {}).get("state", "success")
+            if state == "success":
+                yield from experiment.get("revs", [])
 
 
 def runs_from_experiments(records: list[dict], metrics_file: str) -> list[Run]:

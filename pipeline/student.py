@@ -126,6 +126,27 @@ class StudentSource:
         return first["views"]
 
 
+def build_distiller(
+    model: Architecture,
+    config: StudentParams,
+    stores: dict[str, FeatureStore] | None,
+    teachers: dict[str, Architecture] | None,
+    device: torch.device,
+) -> tuple[Distiller, dict[str, Architecture] | None]:
+    """Adaptors from the student's channels to each teacher's (read from the stores' manifests
+    when distilling from the cache), and the teachers in eval mode on `device` otherwise."""
+    if config.kd_source == "cache":
+        channels = {
+            task: {name: store.manifest.features[name].shape[2] for name in FEATURES}
+            for task, store in stores.items()
+        }
+    else:
+        teachers = {task: teacher.to(device).eval() for task, teacher in teachers.items()}
+        channels = {task: teacher.feature_channels() for task, teacher in teachers.items()}
+    distiller = Distiller(model.feature_channels(), channels, config.kd_weights).to(device)
+    return distiller, teachers
+
+
 @dataclass
 class StudentResult:
     model: Architecture
@@ -158,17 +179,10 @@ def train_student(
     weighting = WEIGHTINGS[config.weighting if distil else config.method](task_names, config)
     optimizer = make_optimizer([*model.parameters(), *weighting.parameters()], config)
     optimizers, schedulers = [optimizer], [make_scheduler(optimizer, config)]
-    distiller = None
-    if distil:
-        if stores:
-            channels = {
-                task: {name: store.manifest.features[name].shape[2] for name in FEATURES}
-                for task, store in stores.items()
-            }
-        else:
-            teachers = {task: teacher.to(device).eval() for task, teacher in teachers.items()}
-            channels = {task: teacher.feature_channels() for task, teacher in teachers.items()}
-        distiller = Distiller(model.feature_channels(), channels, config.kd_weights).to(device)
+    distiller, teachers = (
+        build_distiller(model, config, stores, teachers, device) if distil else (None, None)
+    )
+    if distiller is not None:
         optimizers.append(
             torch.optim.Adam(
                 distiller.parameters(),

@@ -12,12 +12,15 @@ import click
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from pipeline.checkpoints import load_teacher
 from pipeline.data import SOURCES
+from pipeline.data.prepared import PreparedStore
 from pipeline.errors import KdmtlError
 from pipeline.files import write_atomically
-from pipeline.models import ARCHITECTURES
+from pipeline.models import ARCHITECTURES, Architecture
 from pipeline.tasks import TASKS
 from pipeline.weighting import WEIGHTINGS
+from schemas.checkpoint import TeacherMetadata
 from schemas.params import Params
 
 
@@ -84,6 +87,31 @@ def choose_task(task: str, params: Params) -> None:
             f"{task!r} is not one of the tasks in the params: {', '.join(params.tasks)}",
             param_hint="'--teacher'",
         )
+
+
+def teacher_checkpoint(params: Params, task: str) -> Path:
+    path = Path(params.paths.teachers) / f"{task}.pt"
+    if not path.is_file():
+        raise KdmtlError(
+            f"no teacher checkpoint at {path}: run `kdmtl train-teacher --teacher {task}` first"
+        )
+    return path
+
+
+def load_current_teacher(
+    params: Params, task: str, prepared: PreparedStore
+) -> tuple[Architecture, TeacherMetadata, Path]:
+    """The task's teacher, refused when it was trained for another task or on other data."""
+    path = teacher_checkpoint(params, task)
+    teacher, metadata = load_teacher(path)
+    if metadata.task != task:
+        raise KdmtlError(f"{path} is a {metadata.task} teacher, not {task}")
+    if metadata.prepared_fingerprint != prepared.manifest.fingerprint:
+        raise KdmtlError(
+            f"{path} was trained on other prepared data than {prepared.path}: "
+            f"run `kdmtl train-teacher --teacher {task}` again"
+        )
+    return teacher, metadata, path
 
 
 def params_option(command: Callable) -> Callable:

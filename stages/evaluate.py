@@ -4,7 +4,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.checkpoints import load_student, load_teacher
+from pipeline.checkpoints import load_student
 from pipeline.data.prepared import PreparedSplit, open_prepared
 from pipeline.errors import KdmtlError
 from pipeline.evaluation import compare, prediction_grid
@@ -13,8 +13,7 @@ from pipeline.stream import ChunkStream
 from pipeline.tasks import make_tasks
 from pipeline.training import resolve_device
 from schemas.params import Params
-from stages.common import params_option, user_errors, write_json
-from stages.extract_features import teacher_checkpoint
+from stages.common import load_current_teacher, params_option, user_errors, write_json
 
 GRID_IMAGES = 4
 
@@ -32,12 +31,7 @@ def command(params: Params) -> None:
     student, metadata = load_student(student_path)
     if metadata.prepared_fingerprint != prepared.manifest.fingerprint:
         raise KdmtlError(f"{student_path} was trained on other prepared data than {prepared.path}")
-    teachers = {}
-    for task in metadata.tasks:
-        path = teacher_checkpoint(params, task)
-        teachers[task], teacher_metadata = load_teacher(path)
-        if teacher_metadata.prepared_fingerprint != prepared.manifest.fingerprint:
-            raise KdmtlError(f"{path} was trained on other prepared data than {prepared.path}")
+    teachers = {task: load_current_teacher(params, task, prepared)[0] for task in metadata.tasks}
     tasks = make_tasks(metadata.tasks, prepared.manifest.num_classes)
     device = resolve_device(params.device)
     test = ChunkStream(PreparedSplit(prepared, "test", metadata.tasks), 32, shuffle=False)

@@ -5,9 +5,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.checkpoints import load_teacher
 from pipeline.data.prepared import open_prepared
-from pipeline.errors import KdmtlError
 from pipeline.features import (
     assign_shards,
     extract,
@@ -18,7 +16,7 @@ from pipeline.features import (
 from pipeline.files import sha256_file
 from pipeline.training import resolve_device
 from schemas.params import Params
-from stages.common import choose_task, params_option, user_errors
+from stages.common import choose_task, load_current_teacher, params_option, user_errors
 
 
 def parse_shard_of(value: str | None) -> tuple[int, int]:
@@ -36,15 +34,6 @@ def parse_shard_of(value: str | None) -> tuple[int, int]:
             f"{value!r} is not I/N with 0 <= I < N, e.g. 0/2", param_hint="'--shard-of'"
         )
     return part, parts
-
-
-def teacher_checkpoint(params: Params, task: str) -> Path:
-    path = Path(params.paths.teachers) / f"{task}.pt"
-    if not path.is_file():
-        raise KdmtlError(
-            f"no teacher checkpoint at {path}: run `kdmtl train-teacher --teacher {task}` first"
-        )
-    return path
 
 
 def extraction_device(name: str):
@@ -74,15 +63,7 @@ def command(task: str, shard_of: str | None, params: Params) -> None:
     part, parts = parse_shard_of(shard_of)
     prepared = open_prepared(Path(params.paths.prepared))
     prepared.check_matches(params.data)
-    checkpoint = teacher_checkpoint(params, task)
-    teacher, metadata = load_teacher(checkpoint)
-    if metadata.task != task:
-        raise KdmtlError(f"{checkpoint} is a {metadata.task} teacher, not {task}")
-    if metadata.prepared_fingerprint != prepared.manifest.fingerprint:
-        raise KdmtlError(
-            f"{checkpoint} was trained on other prepared data than {prepared.path}: "
-            f"run `kdmtl train-teacher --teacher {task}` again"
-        )
+    teacher, _, checkpoint = load_current_teacher(params, task, prepared)
     device = extraction_device(params.device)
     teacher.to(device)
     manifest = plan_manifest(

@@ -5,17 +5,15 @@ from pathlib import Path
 import click
 
 from pipeline import __version__
-from pipeline.checkpoints import load_teacher, save_checkpoint
+from pipeline.checkpoints import save_checkpoint
 from pipeline.data.prepared import open_prepared
-from pipeline.errors import KdmtlError
 from pipeline.features import FeatureStore
 from pipeline.files import sha256_file
 from pipeline.student import check_stores, train_student
 from pipeline.training import resolve_device
 from schemas.checkpoint import ModelSpec, StudentMetadata
 from schemas.params import Params
-from stages.common import params_option, user_errors, write_curves
-from stages.extract_features import teacher_checkpoint
+from stages.common import load_current_teacher, params_option, user_errors, write_curves
 
 
 @click.command("train-student")
@@ -39,10 +37,7 @@ def command(params: Params) -> None:
     elif config.method == "kd":
         teachers = {}
         for task in params.tasks:
-            path = teacher_checkpoint(params, task)
-            teachers[task], metadata = load_teacher(path)
-            if metadata.prepared_fingerprint != prepared.manifest.fingerprint:
-                raise KdmtlError(f"{path} was trained on other prepared data: retrain it")
+            teachers[task], _, path = load_current_teacher(params, task, prepared)
             distilled_from[task] = sha256_file(path)
     model = params.student_model
     result = train_student(

@@ -11,8 +11,7 @@ from pipeline.features import FeatureStore
 from pipeline.files import sha256_file
 from pipeline.training import resolve_device
 from schemas.params import Params
-from stages.common import params_option, user_errors
-from stages.extract_features import teacher_checkpoint
+from stages.common import params_option, teacher_checkpoint, user_errors
 
 
 @click.command("verify")

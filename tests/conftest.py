@@ -39,6 +39,15 @@ def project(tmp_path: Path) -> Path:
     os.chdir(cwd)
 
 
+@pytest.fixture
+def trained_copy(trained: Path, tmp_path: Path, monkeypatch) -> Path:
+    """A copy of the test module's `trained` project, made the current directory."""
+    folder = tmp_path / "project"
+    shutil.copytree(trained, folder)
+    monkeypatch.chdir(folder)
+    return folder
+
+
 def kdmtl(*args: str) -> Result:
     """Run the CLI in-process, as the console script would."""
     return CliRunner().invoke(main, list(args), catch_exceptions=False)

@@ -42,6 +42,9 @@ EXPERIMENTS = [
             {"revs": [record("d", "kd", 1, 0.4, 0.5)]},  # a repeated: counts once
             {"revs": [record("e", "kd", 2, 0.5, 0.5, weighting="uw")]},
             {"revs": [{"rev": "f-rev", "name": "f", "data": {"metrics": {}}}]},  # failed run
+            # Still running: it shows its baseline's metrics, which must not count as its own.
+            {"executor": {"state": "running"}, "revs": [record("g", "uw", 0, 0.6, 0.5)]},
+            {"executor": {"state": "success"}, "revs": [record("h", "dwa", 0, 0.5, 0.5)]},
         ],
     },
 ]
@@ -57,6 +60,7 @@ def test_method_labels():
 def test_runs_group_by_method_and_seed():
     runs = runs_from_experiments(EXPERIMENTS, "metrics/eval.json")
     assert sorted((r.method, r.seed) for r in runs) == [
+        ("dwa", 0),
         ("ew", 0),
         ("ew", 1),
         ("kd", 0),

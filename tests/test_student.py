@@ -54,13 +54,8 @@ def trained(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def project(trained: Path, tmp_path: Path) -> Path:
-    folder = tmp_path / "project"
-    shutil.copytree(trained, folder)
-    cwd = os.getcwd()
-    os.chdir(folder)
-    yield folder
-    os.chdir(cwd)
+def project(trained_copy: Path) -> Path:
+    return trained_copy
 
 
 def stores_of(project: Path) -> dict[str, FeatureStore]:

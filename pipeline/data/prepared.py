@@ -12,12 +12,13 @@ import shutil
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import dask.array as da
 import numpy as np
 import torch
 import zarr
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from torch.utils.data import Dataset
 from tqdm import tqdm
 from zarr.codecs import BloscCodec, Crc32cCodec
@@ -30,6 +31,7 @@ from schemas.params import DataParams
 from schemas.prepared import ArrayInfo, PreparedManifest, SplitInfo
 
 MANIFEST_KEY = "kdmtl"
+M = TypeVar("M", bound=BaseModel)
 
 
 def default_codecs() -> list:
@@ -163,19 +165,26 @@ class PreparedStore:
             )
 
 
-def open_prepared(path: Path) -> PreparedStore:
-    """Open a complete prepared store, or explain why it cannot be used."""
+def read_manifest(path: Path, schema: type[M], what: str, remedy: str) -> M:
+    """The validated manifest of a kdmtl Zarr store, or a DataError saying what to run."""
     path = Path(path)
     if not (path / "zarr.json").is_file():
-        raise DataError(f"no prepared dataset at {path}: run `kdmtl prepare` first")
+        raise DataError(f"no {what} at {path}: {remedy}")
     attrs = zarr.open_group(path, mode="r").attrs.asdict()
     if MANIFEST_KEY not in attrs:
-        raise DataError(f"{path} has no kdmtl manifest (incomplete?): run `kdmtl prepare` again")
+        raise DataError(f"{path} has no kdmtl manifest (incomplete?): {remedy}")
     try:
-        manifest = PreparedManifest.model_validate(attrs[MANIFEST_KEY])
+        return schema.model_validate(attrs[MANIFEST_KEY])
     except ValidationError as error:
         raise DataError(f"{path} has an invalid manifest: {error.errors()[0]['msg']}") from None
-    return PreparedStore(path, manifest)
+
+
+def open_prepared(path: Path) -> PreparedStore:
+    """Open a complete prepared store, or explain why it cannot be used."""
+    remedy = "run `kdmtl prepare` first"
+    return PreparedStore(
+        Path(path), read_manifest(path, PreparedManifest, "prepared dataset", remedy)
+    )
 
 
 class PreparedSplit(Dataset):
