@@ -30,7 +30,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import zarr
-from tqdm import tqdm
 from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.codecs.numcodecs import BitRound
 
@@ -39,6 +38,7 @@ from pipeline.augment import SCALES, apply_views, draw_views
 from pipeline.data.prepared import MANIFEST_KEY, PreparedSplit, PreparedStore, read_manifest
 from pipeline.errors import DataError, KdmtlError
 from pipeline.models import FEATURES, Architecture
+from pipeline.progress import progress_bar
 from schemas.features import FeatureArrayInfo, FeatureManifest, ViewSpec
 from schemas.params import FeatureParams
 
@@ -417,8 +417,8 @@ def extract(
     teacher = teacher.to(device).eval()
     started = time.perf_counter()
     written = {"samples": 0, "bytes": 0}
-    bar = tqdm(
-        total=total, desc=f"extract {store.manifest.task}", unit="sample", disable=not progress
+    bar = progress_bar(
+        enabled=progress, total=total, desc=f"extract {store.manifest.task}", unit="sample"
     )
 
     def on_written(samples: int, raw_bytes: int) -> None:
@@ -429,7 +429,8 @@ def extract(
             {
                 "samples/s": f"{written['samples'] / elapsed:.0f}",
                 "MB/s": f"{written['bytes'] / elapsed / 1e6:.1f}",
-            }
+            },
+            refresh=False,
         )
         bar.update(samples)
 

@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from pipeline.errors import KdmtlError
 from pipeline.models import Architecture
+from pipeline.progress import progress_bar
 from pipeline.tasks import Task
 from schemas.params import TrainParams
 
@@ -110,8 +111,8 @@ def fit(
         started = time.perf_counter()
         sums: dict[str, float] = {}
         count = 0
-        with tqdm(
-            batches, desc=f"{description} {epoch}/{epochs}", leave=False, disable=not progress
+        with progress_bar(
+            batches, progress, desc=f"{description} {epoch}/{epochs}", leave=False
         ) as bar:
             for batch in bar:
                 for optimizer in optimizers:
@@ -127,7 +128,9 @@ def fit(
                 count += 1
                 for name, value in values.items():
                     sums[name] = sums.get(name, 0.0) + value
-                bar.set_postfix({name: f"{total / count:.4f}" for name, total in sums.items()})
+                bar.set_postfix(
+                    {name: f"{total / count:.4f}" for name, total in sums.items()}, refresh=False
+                )
         for scheduler in schedulers:
             scheduler.step()
         row = {"epoch": epoch} | {name: total / max(count, 1) for name, total in sums.items()}

@@ -27,6 +27,7 @@ from pipeline import __version__
 from pipeline.data.sources import ARRAY_LAYOUT, SPLITS, DataSource, array_shape
 from pipeline.errors import DataError
 from pipeline.files import replace_directory
+from pipeline.progress import progress_bar
 from schemas.params import DataParams
 from schemas.prepared import ArrayInfo, PreparedManifest, SplitInfo
 
@@ -102,7 +103,7 @@ def write_prepared(
     try:
         root = zarr.open_group(partial, mode="w", zarr_format=3)
         splits, digests = {}, {}
-        with tqdm(total=total, desc="prepare", unit="sample", disable=not progress) as bar:
+        with progress_bar(enabled=progress, total=total, desc="prepare", unit="sample") as bar:
             for split in SPLITS:
                 splits[split], split_digests = _write_split(
                     root.create_group(split), source, split, chunk_size, bar

@@ -1,0 +1,22 @@
+"""Progress bars in logs: a redraw is a new line there, so they must be rare."""
+
+import time
+
+from pipeline.progress import progress_bar
+
+
+def test_a_bar_outside_a_terminal_redraws_rarely_but_ends_with_its_postfix(capsys):
+    with progress_bar(range(500), desc="train") as bar:
+        for step in bar:
+            time.sleep(0.002)  # a second in all: ten redraws at a terminal's rate
+            bar.set_postfix({"loss": f"{1 / (step + 1):.4f}"}, refresh=False)
+    log = capsys.readouterr().err
+    redraws = log.count("\r")
+    assert 1 <= redraws <= 3, log
+    assert "500/500" in log and "loss=0.0020" in log
+
+
+def test_a_disabled_bar_writes_nothing(capsys):
+    with progress_bar(range(10), enabled=False) as bar:
+        assert list(bar) == list(range(10))
+    assert capsys.readouterr().err == ""
