@@ -18,7 +18,6 @@ for method in $methods; do
   done
 done
 started=$(date +%s)
-dvc exp run --run-all -j 1
+dvc exp run --run-all -j 1 || echo "some experiments failed: the report leaves them out"
 echo "experiments ran in $(( $(date +%s) - started )) s"
 kdmtl report
-cat reports/methods.md

@@ -135,6 +135,10 @@ def build_distiller(
 ) -> tuple[Distiller, dict[str, Architecture] | None]:
     """Adaptors from the student's channels to each teacher's (read from the stores' manifests
     when distilling from the cache), and the teachers in eval mode on `device` otherwise."""
+    needed = {"cache": stores, "online": teachers}[config.kd_source]
+    if not needed:
+        kind = "feature stores" if config.kd_source == "cache" else "teacher models"
+        raise ValueError(f"kd_source {config.kd_source!r} needs the teachers' {kind}")
     if config.kd_source == "cache":
         channels = {
             task: {name: store.manifest.features[name].shape[2] for name in FEATURES}

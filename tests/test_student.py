@@ -20,9 +20,11 @@ from pipeline.distill import Distiller, feature_distance
 from pipeline.errors import DataError
 from pipeline.features import FeatureStore
 from pipeline.metrics import delta_mtl
-from pipeline.student import StudentSource
+from pipeline.models import build_model
+from pipeline.student import StudentSource, build_distiller
 from pipeline.tasks import TASKS, higher_is_better, make_tasks
 from schemas.checkpoint import EvaluationReport, StudentMetadata
+from schemas.params import StudentParams
 
 TASK_NAMES = ["semseg", "depth", "normal"]
 PARAMS = TINY_PARAMS | {
@@ -117,6 +119,14 @@ def test_distiller_adaptors_and_weighted_total():
     total.backward()
     assert adaptor.weight.grad is not None
     assert teachers["depth"]["decoder"].grad is None  # teachers are constants
+
+
+@pytest.mark.parametrize("source, missing", [("cache", "feature stores"), ("online", "teacher")])
+def test_distilling_without_its_source_is_refused(source: str, missing: str):
+    model = build_model("segnet", [4, 8], {"depth": 1})
+    config = StudentParams(kd_source=source)
+    with pytest.raises(ValueError, match=missing):
+        build_distiller(model, config, None, None, torch.device("cpu"))
 
 
 # The joined stream.
