@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 SCALES = (1.0, 1.2, 1.5)
-VIEW_FIELDS = ("scale", "top", "left", "flip")
 IDENTITY = np.array([1.0, 0.0, 0.0, 0.0], dtype=np.float32)
+FLIP_NORMAL = torch.tensor([-1.0, 1.0, 1.0])[:, None, None]  # a mirrored image mirrors normals' x
 
 
 def draw_views(
@@ -75,7 +75,7 @@ def apply_view(
             if name == "depth":
                 out[name] = out[name] / scale
             elif name == "normal" and flip:
-                out[name] = out[name] * torch.tensor([-1.0, 1.0, 1.0])[:, None, None]
+                out[name] = out[name] * FLIP_NORMAL
     return image, out
 
 

@@ -189,8 +189,8 @@ class FeatureStore:
             shutil.rmtree(building, ignore_errors=True)
         return cls.open(path)
 
-    def array(self, name: str) -> zarr.Array:
-        return zarr.open_array(self.path / SPLIT / name, mode="r+")
+    def array(self, name: str, mode: str = "r+") -> zarr.Array:
+        return zarr.open_array(self.path / SPLIT / name, mode=mode)
 
     def shard_range(self, shard: int) -> tuple[int, int]:
         start = shard * self.manifest.shard_size
@@ -237,13 +237,12 @@ class FeatureStore:
 
 
 class FeatureChunks:
-    """A store as a ChunkSource: every array's values over one chunk of the prepared grid, keyed
-    `PREFIX + name`. Arrays are opened lazily in each process (safe with `spawn` workers); the
-    small `sample_id` and `views` arrays are read whole, once, rather than once per chunk."""
+    """A store as a ChunkSource: every array's values over one chunk of the prepared grid. Arrays
+    are opened lazily in each process (safe with `spawn` workers); the small `sample_id` and
+    `views` arrays are read whole, once, rather than once per chunk."""
 
-    def __init__(self, store: FeatureStore, prefix: str = "") -> None:
+    def __init__(self, store: FeatureStore) -> None:
         self.store = store
-        self.prefix = prefix
         self.chunk_size = store.manifest.chunk_size
         self._arrays: dict[str, zarr.Array] | None = None
         self._small: dict[str, np.ndarray] = {}
@@ -254,18 +253,15 @@ class FeatureChunks:
     def __getstate__(self) -> dict:
         return self.__dict__ | {"_arrays": None, "_small": {}}
 
-    def _open(self, name: str) -> zarr.Array:
-        return zarr.open_array(self.store.path / SPLIT / name, mode="r")
-
     def read_chunk(self, chunk: int, epoch: int = 0) -> dict[str, np.ndarray]:
         if self._arrays is None:
-            self._arrays = {name: self._open(name) for name in self.store.manifest.features}
-            self._small = {name: self._open(name)[:] for name in ("sample_id", "views")}
+            features = self.store.manifest.features
+            self._arrays = {name: self.store.array(name, "r") for name in features}
+            self._small = {name: self.store.array(name, "r")[:] for name in ("sample_id", "views")}
         start = chunk * self.chunk_size
         stop = min(start + self.chunk_size, len(self))
         arrays = {name: a[start:stop] for name, a in self._arrays.items()}
-        arrays |= {name: values[start:stop] for name, values in self._small.items()}
-        return {self.prefix + name: values for name, values in arrays.items()}
+        return arrays | {name: values[start:stop] for name, values in self._small.items()}
 
 
 def open_or_create(
@@ -340,17 +336,16 @@ def teacher_features(
 ) -> dict[str, torch.Tensor]:
     """Features [n, V, C, h, w] in `dtype` of each sample's views, from the teacher (eval mode)."""
     count, num_views = views.shape[:2]
-    pairs = [(i, v) for i in range(count) for v in range(num_views)]
+    flat = views.reshape(count * num_views, -1)  # (sample, view) pairs, sample-major
     outputs: dict[str, torch.Tensor] = {}
-    for first in range(0, len(pairs), batch_size):
-        batch = pairs[first : first + batch_size]
-        samples = torch.tensor([i for i, _ in batch])
-        batch_views = np.stack([views[i, v] for i, v in batch])
-        inputs, _ = apply_views(batch_views, images[samples], {})
+    for first in range(0, len(flat), batch_size):
+        stop = min(first + batch_size, len(flat))
+        samples = torch.arange(first, stop) // num_views
+        inputs, _ = apply_views(flat[first:stop], images[samples], {})
         for name, feature in teacher.distilled_features(inputs.to(device)).items():
             if name not in outputs:
-                outputs[name] = torch.empty((len(pairs), *feature.shape[1:]), dtype=dtype)
-            outputs[name][first : first + len(batch)] = feature
+                outputs[name] = torch.empty((len(flat), *feature.shape[1:]), dtype=dtype)
+            outputs[name][first:stop] = feature
     return {name: out.reshape(count, num_views, *out.shape[1:]) for name, out in outputs.items()}
 
 

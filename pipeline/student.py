@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.augment import apply_views, random_view
+from pipeline.augment import IDENTITY, apply_views, random_view
 from pipeline.data.prepared import PreparedSplit, PreparedStore
 from pipeline.distill import Distiller
 from pipeline.errors import DataError
@@ -105,7 +105,7 @@ class StudentSource:
                     block[f"{task}.{name}"] = values[name][pick]
         elif self.augment:
             views = np.stack([random_view(rng, *self.size) for _ in range(count)])
-        if views is not None and (views != [1, 0, 0, 0]).any():
+        if views is not None and (views != IDENTITY).any():
             image, targets = apply_views(
                 views,
                 torch.from_numpy(block["image"]),

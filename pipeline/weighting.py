@@ -40,6 +40,11 @@ class Weighting(ABC):
     ) -> dict[str, float]:
         """Compute the gradients of the weighted losses plus `extra`; return each task's weight."""
 
+    @staticmethod
+    def _backward(total: torch.Tensor, extra: torch.Tensor | None) -> None:
+        """Gradients of the weighted total plus the unweighted extra term."""
+        (total if extra is None else total + extra).backward()
+
     def end_epoch(self, mean_losses: dict[str, float]) -> None:  # noqa: B027 (optional hook)
         """Called after each epoch with the mean of each task's loss; most methods ignore it."""
 
@@ -54,10 +59,7 @@ class EqualWeights(Weighting):
     name: ClassVar[str] = "ew"
 
     def backward(self, losses, extra, context):
-        total = sum(losses.values())
-        if extra is not None:
-            total = total + extra
-        total.backward()
+        self._backward(sum(losses.values()), extra)
         return dict.fromkeys(losses, 1.0)
 
 
@@ -84,7 +86,7 @@ class DynamicWeightAverage(Weighting):
     def backward(self, losses, extra, context):
         weights = self.weights()
         total = sum(weights[t] * losses[t] for t in self.tasks)
-        (total if extra is None else total + extra).backward()
+        self._backward(total, extra)
         return weights
 
     def end_epoch(self, mean_losses):
@@ -109,7 +111,7 @@ class UncertaintyWeighting(Weighting):
         s = self.log_variance
         stacked = torch.stack([losses[t] for t in self.tasks])
         total = (stacked / (2 * s.exp()) + s / 2).sum()
-        (total if extra is None else total + extra).backward()
+        self._backward(total, extra)
         weights = (1 / (2 * s.detach().exp())).tolist()
         return dict(zip(self.tasks, weights, strict=True))
 
@@ -148,7 +150,7 @@ class GradNorm(Weighting):
         balance = (weighted_norms - target).abs().sum()
         (self.theta.grad,) = torch.autograd.grad(balance, self.theta)
         total = (weights.detach() * stacked).sum()
-        (total if extra is None else total + extra).backward()
+        self._backward(total, extra)
         return dict(zip(self.tasks, weights.detach().tolist(), strict=True))
 
 
@@ -200,5 +202,5 @@ class MGDA(Weighting):
         alpha = min_norm_weights(stacked @ stacked.T).float()
         del grads, stacked
         total = sum(alpha[k] * losses[t] for k, t in enumerate(self.tasks))
-        (total if extra is None else total + extra).backward()
+        self._backward(total, extra)
         return dict(zip(self.tasks, alpha.tolist(), strict=True))

@@ -6,6 +6,7 @@ task or a source never touches this file. Without a context those checks are ski
 """
 
 import re
+from collections.abc import Iterable
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -17,6 +18,19 @@ DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 def _context(info: ValidationInfo) -> dict[str, Any]:
     return info.context if isinstance(info.context, dict) else {}
+
+
+def _check_known(
+    values: Iterable[str], known: Iterable[str] | None, what: str, where: str = ""
+) -> None:
+    """Refuse the first of `values` that is not in `known`, a registry's names from the validation
+    context (None when validating without registries: nothing to check)."""
+    if known is None:
+        return
+    known = list(known)
+    for value in values:
+        if value not in known:
+            raise ValueError(f"{where}{value!r} is not {what}; allowed: {', '.join(known)}")
 
 
 class DataParams(Contract):
@@ -45,9 +59,7 @@ class DataParams(Contract):
     @field_validator("source")
     @classmethod
     def _known_source(cls, value: str, info: ValidationInfo) -> str:
-        sources = _context(info).get("sources")
-        if sources is not None and value not in sources:
-            raise ValueError(f"{value!r} is not a data source; allowed: {', '.join(sources)}")
+        _check_known([value], _context(info).get("sources"), "a data source")
         return value
 
 
@@ -75,9 +87,7 @@ class ModelParams(Contract):
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, value: str, info: ValidationInfo) -> str:
-        known = _context(info).get("architectures")
-        if known is not None and value not in known:
-            raise ValueError(f"{value!r} is not an architecture; allowed: {', '.join(known)}")
+        _check_known([value], _context(info).get("architectures"), "an architecture")
         return value
 
     @field_validator("filters")
@@ -108,10 +118,8 @@ class TeacherParams(TrainParams):
 
     @model_validator(mode="after")
     def _valid_overrides(self, info: ValidationInfo) -> "TeacherParams":
-        known = _context(info).get("tasks")
+        _check_known(self.overrides, _context(info).get("tasks"), "a task", "overrides: ")
         for task in self.overrides:
-            if known is not None and task not in known:
-                raise ValueError(f"overrides: {task!r} is not a task; allowed: {', '.join(known)}")
             try:
                 self.for_task(task)
             except ValidationError as error:
@@ -130,8 +138,8 @@ class StudentParams(TrainParams):
     """Training of the multi-task student.
 
     `method` is `kd` (the paper: task losses plus distillation towards the teachers' features) or
-    a loss weighting without distillation (`ew`: equal weights). With `kd`, `weighting` weights the
-    task losses."""
+    a loss weighting without distillation (`ew`, `dwa`, `uw`, `gradnorm`, `mgda`). With `kd`,
+    `weighting` weights the task losses."""
 
     epochs: int = Field(30, ge=1)
     model: ModelParams | None = Field(None, description="The student's network; null: as model.")
@@ -153,11 +161,9 @@ class StudentParams(TrainParams):
     @classmethod
     def _known_method(cls, value: str, info: ValidationInfo) -> str:
         weightings = _context(info).get("weightings")
-        if weightings is None:
-            return value
-        allowed = ["kd", *weightings] if info.field_name == "method" else weightings
-        if value not in allowed:
-            raise ValueError(f"{value!r} is not a method; allowed: {', '.join(allowed)}")
+        if weightings is not None and info.field_name == "method":
+            weightings = ["kd", *weightings]
+        _check_known([value], weightings, "a method")
         return value
 
 
@@ -233,11 +239,7 @@ class Params(Contract):
     def _known_tasks(cls, value: list[str], info: ValidationInfo) -> list[str]:
         if len(set(value)) != len(value):
             raise ValueError(f"tasks repeat a name: {value}")
-        known = _context(info).get("tasks")
-        if known is not None:
-            unknown = [task for task in value if task not in known]
-            if unknown:
-                raise ValueError(f"{unknown[0]!r} is not a task; allowed: {', '.join(known)}")
+        _check_known(value, _context(info).get("tasks"), "a task")
         return value
 
     @model_validator(mode="after")

@@ -20,7 +20,8 @@ def main() -> None:
     """kdmtl: knowledge distillation of single-task teachers into one multi-task network,
     with teacher features cached in Zarr (Li and Bilen, 2020).
 
-    Every command reads ./params.yaml (or --params FILE) and writes where its params say.
+    Every command but inspect reads ./params.yaml (or --params FILE) and writes where its params
+    say.
     """
 
 
