@@ -16,21 +16,13 @@ import numpy as np
 import torch
 
 from pipeline.checkpoints import load_teacher
-from pipeline.data.prepared import PreparedStore, open_prepared, write_prepared
 from pipeline.data.sources import make_source
-from pipeline.feature_checks import bytes_on_disk
-from pipeline.features import (
-    SPLIT,
-    FeatureChunks,
-    FeatureStore,
-    extract,
-    feature_shapes,
-    plan_manifest,
-    shard_inputs,
-    teacher_features,
-)
 from pipeline.models import Architecture, build_model
-from pipeline.stream import ChunkStream, make_loader
+from pipeline.store.checks import bytes_on_disk
+from pipeline.store.extract import extract, feature_shapes, shard_inputs, teacher_features
+from pipeline.store.features import SPLIT, FeatureChunks, FeatureStore, plan_manifest
+from pipeline.store.prepared import PreparedStore, open_prepared, write_prepared
+from pipeline.store.stream import ChunkStream, make_loader
 from schemas.params import FeatureParams, Params
 
 CPU = torch.device("cpu")

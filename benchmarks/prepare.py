@@ -10,8 +10,8 @@ from pathlib import Path
 
 import click
 
-from pipeline.data.prepared import write_prepared
 from pipeline.data.sources import make_source
+from pipeline.store.prepared import write_prepared
 from schemas.params import Params
 
 

@@ -19,8 +19,8 @@ import torch
 import yaml
 
 from pipeline.checkpoints import load_teacher
-from pipeline.data.prepared import open_prepared
-from pipeline.features import FeatureStore
+from pipeline.store.features import FeatureStore
+from pipeline.store.prepared import open_prepared
 from pipeline.student import train_student
 from schemas.params import Params
 

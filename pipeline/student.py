@@ -7,12 +7,12 @@ import numpy as np
 import torch
 
 from pipeline.augment import IDENTITY, apply_views, random_view
-from pipeline.data.prepared import PreparedSplit, PreparedStore
 from pipeline.distill import Distiller
 from pipeline.errors import DataError
-from pipeline.features import SPLIT, FeatureChunks, FeatureStore
 from pipeline.models import FEATURES, Architecture, build_model
-from pipeline.stream import ChunkStream, make_loader
+from pipeline.store.features import SPLIT, FeatureChunks, FeatureStore
+from pipeline.store.prepared import PreparedSplit, PreparedStore
+from pipeline.store.stream import ChunkStream, make_loader
 from pipeline.tasks import make_tasks
 from pipeline.training import (
     Batch,

@@ -4,9 +4,9 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.data.prepared import PreparedSplit, PreparedStore
 from pipeline.models import Architecture, build_model
-from pipeline.stream import ChunkStream, make_loader
+from pipeline.store.prepared import PreparedSplit, PreparedStore
+from pipeline.store.stream import ChunkStream, make_loader
 from pipeline.tasks import make_tasks
 from pipeline.training import (
     Batch,

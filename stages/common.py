@@ -14,10 +14,10 @@ from pydantic import BaseModel, ValidationError
 
 from pipeline.checkpoints import load_teacher
 from pipeline.data import SOURCES
-from pipeline.data.prepared import PreparedStore
 from pipeline.errors import KdmtlError
 from pipeline.files import write_atomically
 from pipeline.models import ARCHITECTURES, Architecture
+from pipeline.store.prepared import PreparedStore
 from pipeline.tasks import TASKS
 from pipeline.weighting import WEIGHTINGS
 from schemas.checkpoint import TeacherMetadata

@@ -5,11 +5,11 @@ from pathlib import Path
 import click
 
 from pipeline.checkpoints import load_student
-from pipeline.data.prepared import PreparedSplit, open_prepared
 from pipeline.errors import KdmtlError
 from pipeline.evaluation import compare, prediction_grid
 from pipeline.files import write_atomically
-from pipeline.stream import ChunkStream
+from pipeline.store.prepared import PreparedSplit, open_prepared
+from pipeline.store.stream import ChunkStream
 from pipeline.tasks import make_tasks
 from pipeline.training import resolve_device
 from schemas.params import Params

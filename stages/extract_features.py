@@ -5,15 +5,10 @@ from pathlib import Path
 
 import click
 
-from pipeline.data.prepared import open_prepared
-from pipeline.features import (
-    assign_shards,
-    extract,
-    feature_shapes,
-    open_or_create,
-    plan_manifest,
-)
 from pipeline.files import sha256_file
+from pipeline.store.extract import extract, feature_shapes
+from pipeline.store.features import assign_shards, open_or_create, plan_manifest
+from pipeline.store.prepared import open_prepared
 from pipeline.training import resolve_device
 from schemas.params import Params
 from stages.common import choose_task, load_current_teacher, params_option, user_errors

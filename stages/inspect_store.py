@@ -5,8 +5,8 @@ from pathlib import Path
 
 import click
 
-from pipeline.feature_checks import summarize
-from pipeline.features import FeatureStore
+from pipeline.store.checks import summarize
+from pipeline.store.features import FeatureStore
 from stages.common import user_errors
 
 

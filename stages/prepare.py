@@ -4,8 +4,8 @@ from pathlib import Path
 
 import click
 
-from pipeline.data.prepared import write_prepared
 from pipeline.data.sources import make_source
+from pipeline.store.prepared import write_prepared
 from schemas.params import Params
 from stages.common import params_option, user_errors
 

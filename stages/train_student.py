@@ -6,9 +6,9 @@ import click
 
 from pipeline import __version__
 from pipeline.checkpoints import save_checkpoint
-from pipeline.data.prepared import open_prepared
-from pipeline.features import FeatureStore
 from pipeline.files import sha256_file
+from pipeline.store.features import FeatureStore
+from pipeline.store.prepared import open_prepared
 from pipeline.student import check_stores, train_student
 from pipeline.training import resolve_device
 from schemas.checkpoint import ModelSpec, StudentMetadata

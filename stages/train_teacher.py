@@ -6,7 +6,7 @@ import click
 
 from pipeline import __version__
 from pipeline.checkpoints import save_checkpoint
-from pipeline.data.prepared import open_prepared
+from pipeline.store.prepared import open_prepared
 from pipeline.teacher import train_teacher
 from pipeline.training import resolve_device
 from schemas.checkpoint import ModelSpec, TeacherMetadata, TeacherReport

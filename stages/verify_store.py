@@ -5,10 +5,10 @@ from pathlib import Path
 import click
 
 from pipeline.checkpoints import load_teacher
-from pipeline.data.prepared import open_prepared
-from pipeline.feature_checks import Verification, read_every_chunk, recompute
-from pipeline.features import FeatureStore
 from pipeline.files import sha256_file
+from pipeline.store.checks import Verification, read_every_chunk, recompute
+from pipeline.store.features import FeatureStore
+from pipeline.store.prepared import open_prepared
 from pipeline.training import resolve_device
 from schemas.params import Params
 from stages.common import params_option, teacher_checkpoint, user_errors

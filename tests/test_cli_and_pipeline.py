@@ -7,8 +7,8 @@ import click
 import pytest
 from conftest import BIN, REPO, TINY_PARAMS, copy_project, dvc, kdmtl, run, write_repo_params
 
-from pipeline.data.prepared import open_prepared
-from pipeline.features import FeatureStore
+from pipeline.store.features import FeatureStore
+from pipeline.store.prepared import open_prepared
 from stages.cli import main
 
 

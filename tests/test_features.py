@@ -17,10 +17,10 @@ from conftest import BIN, TINY_PARAMS, kdmtl, write_params
 
 from pipeline.augment import apply_view, draw_views
 from pipeline.checkpoints import load_checkpoint, load_teacher, save_checkpoint
-from pipeline.data.prepared import open_prepared
-from pipeline.feature_checks import lazy_feature
-from pipeline.features import FeatureStore
 from pipeline.files import sha256_file
+from pipeline.store.checks import lazy_feature
+from pipeline.store.features import FeatureStore
+from pipeline.store.prepared import open_prepared
 from schemas.checkpoint import TeacherMetadata
 from stages.extract_features import parse_shard_of
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from conftest import files_under, kdmtl, write_params
 
-from pipeline.data.prepared import open_prepared
+from pipeline.store.prepared import open_prepared
 
 FOLDERS = {
     "nyuv2": ("image", "label", "depth", "normal"),

@@ -10,9 +10,9 @@ import torch
 import zarr
 from conftest import files_under, kdmtl, write_params
 
-from pipeline.data.prepared import PreparedSplit, open_prepared
 from pipeline.data.scenes import render_sample
 from pipeline.errors import DataError
+from pipeline.store.prepared import PreparedSplit, open_prepared
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.stream import ChunkStream, make_loader
+from pipeline.store.stream import ChunkStream, make_loader
 
 
 class CountingSource:

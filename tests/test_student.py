@@ -15,12 +15,12 @@ from PIL import Image
 import pipeline.student
 from pipeline.augment import apply_view
 from pipeline.checkpoints import load_teacher, save_checkpoint
-from pipeline.data.prepared import open_prepared
 from pipeline.distill import Distiller, feature_distance
 from pipeline.errors import DataError
-from pipeline.features import FeatureStore
 from pipeline.metrics import delta_mtl
 from pipeline.models import build_model
+from pipeline.store.features import FeatureStore
+from pipeline.store.prepared import open_prepared
 from pipeline.student import StudentSource, build_distiller
 from pipeline.tasks import TASKS, higher_is_better, make_tasks
 from schemas.checkpoint import EvaluationReport, StudentMetadata

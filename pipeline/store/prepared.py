@@ -12,13 +12,11 @@ import shutil
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import dask.array as da
 import numpy as np
 import torch
 import zarr
-from pydantic import BaseModel, ValidationError
 from torch.utils.data import Dataset
 from tqdm import tqdm
 from zarr.codecs import BloscCodec, Crc32cCodec
@@ -28,11 +26,9 @@ from pipeline.data.sources import ARRAY_LAYOUT, SPLITS, DataSource, array_shape
 from pipeline.errors import DataError
 from pipeline.files import replace_directory
 from pipeline.progress import progress_bar
+from pipeline.store.manifest import MANIFEST_KEY, read_manifest
 from schemas.params import DataParams
 from schemas.prepared import ArrayInfo, PreparedManifest, SplitInfo
-
-MANIFEST_KEY = "kdmtl"
-M = TypeVar("M", bound=BaseModel)
 
 
 def default_codecs() -> list:
@@ -164,20 +160,6 @@ class PreparedStore:
                 f"{self.path} was prepared with other data params: {', '.join(differ)}; "
                 "run `kdmtl prepare` again"
             )
-
-
-def read_manifest(path: Path, schema: type[M], what: str, remedy: str) -> M:
-    """The validated manifest of a kdmtl Zarr store, or a DataError saying what to run."""
-    path = Path(path)
-    if not (path / "zarr.json").is_file():
-        raise DataError(f"no {what} at {path}: {remedy}")
-    attrs = zarr.open_group(path, mode="r").attrs.asdict()
-    if MANIFEST_KEY not in attrs:
-        raise DataError(f"{path} has no kdmtl manifest (incomplete?): {remedy}")
-    try:
-        return schema.model_validate(attrs[MANIFEST_KEY])
-    except ValidationError as error:
-        raise DataError(f"{path} has an invalid manifest: {error.errors()[0]['msg']}") from None
 
 
 def open_prepared(path: Path) -> PreparedStore:

@@ -8,10 +8,11 @@ import dask.array as da
 import numpy as np
 import torch
 
-from pipeline.data.prepared import PreparedStore
 from pipeline.errors import DataError
-from pipeline.features import SPLIT, FeatureStore, teacher_features
 from pipeline.models import FEATURES, Architecture
+from pipeline.store.extract import teacher_features
+from pipeline.store.features import SPLIT, FeatureStore
+from pipeline.store.prepared import PreparedStore
 from schemas.params import MANTISSA_BITS
 
 

@@ -1,0 +1,193 @@
+"""Extraction: run a teacher over the prepared train split and write its features to a store.
+
+A writer thread sits behind a bounded queue and writes whole shards while the teacher computes the
+next ones; shards already flagged complete are skipped, so a killed run resumes where it stopped.
+"""
+
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline.augment import apply_views, draw_views
+from pipeline.errors import KdmtlError
+from pipeline.models import FEATURES, Architecture
+from pipeline.progress import progress_bar
+from pipeline.store.features import SPLIT, FeatureStore
+from pipeline.store.prepared import PreparedSplit, PreparedStore
+
+
+def feature_shapes(teacher: Architecture, height: int, width: int) -> dict[str, tuple[int, ...]]:
+    """(C, h, w) of each feature tap for images of the given size."""
+    with torch.inference_mode():
+        device = next(teacher.parameters()).device
+        features = teacher.eval().distilled_features(
+            torch.zeros(1, 3, height, width, device=device)
+        )
+    return {name: tuple(features[name].shape[1:]) for name in FEATURES}
+
+
+@dataclass
+class ExtractionStats:
+    shards: int
+    samples: int
+    raw_bytes: int
+    seconds: float
+
+
+def shard_inputs(
+    store: FeatureStore, prepared: PreparedStore, shards: list[int]
+) -> Iterator[tuple[int, torch.Tensor, np.ndarray]]:
+    """(shard, images [n, 3, H, W], views [n, V, 4]) for each shard, read from the prepared data."""
+    images = PreparedSplit(prepared, SPLIT, [])
+    manifest, spec = prepared.manifest, store.manifest.views
+    for shard in shards:
+        start, stop = store.shard_range(shard)
+        first, last = start // manifest.chunk_size, -(-stop // manifest.chunk_size)
+        block = np.concatenate([images.read_chunk(c)["image"] for c in range(first, last)])
+        views = np.stack(
+            [
+                draw_views(
+                    spec.seed, index, spec.views, manifest.height, manifest.width, spec.augment
+                )
+                for index in range(start, stop)
+            ]
+        )
+        yield shard, torch.from_numpy(block), views
+
+
+@torch.inference_mode()
+def teacher_features(
+    teacher: Architecture,
+    images: torch.Tensor,
+    views: np.ndarray,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:
+    """Features [n, V, C, h, w] in `dtype` of each sample's views, from the teacher (eval mode)."""
+    count, num_views = views.shape[:2]
+    flat = views.reshape(count * num_views, -1)  # (sample, view) pairs, sample-major
+    outputs: dict[str, torch.Tensor] = {}
+    for first in range(0, len(flat), batch_size):
+        stop = min(first + batch_size, len(flat))
+        samples = torch.arange(first, stop) // num_views
+        inputs, _ = apply_views(flat[first:stop], images[samples], {})
+        for name, feature in teacher.distilled_features(inputs.to(device)).items():
+            if name not in outputs:
+                outputs[name] = torch.empty((len(flat), *feature.shape[1:]), dtype=dtype)
+            outputs[name][first:stop] = feature
+    return {name: out.reshape(count, num_views, *out.shape[1:]) for name, out in outputs.items()}
+
+
+class _ShardWriter:
+    """A thread that writes finished shards while the teacher computes the next ones."""
+
+    def __init__(self, store: FeatureStore, on_written) -> None:
+        self.store = store
+        self.on_written = on_written
+        self.queue: queue.Queue = queue.Queue(maxsize=2)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="feature-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        arrays = {}
+        while (item := self.queue.get()) is not None:
+            if self.error is not None:
+                continue  # drain after a failure, so that put() never blocks forever
+            shard, values = item
+            start, stop = self.store.shard_range(shard)
+            try:
+                for name, block in values.items():
+                    if name not in arrays:
+                        arrays[name] = self.store.array(name)
+                    arrays[name][start:stop] = block
+                self.store.mark_done(shard)
+                self.on_written(stop - start, sum(v.nbytes for v in values.values()))
+            except BaseException as error:  # re-raised in the extracting thread
+                self.error = error
+
+    def put(self, shard: int, values: dict[str, np.ndarray]) -> None:
+        self.check()
+        self.queue.put((shard, values))
+
+    def stop(self) -> None:
+        """Write what is queued, then end the thread."""
+        self.queue.put(None)
+        self.thread.join()
+
+    def close(self) -> None:
+        self.stop()
+        self.check()
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+def extract(
+    teacher: Architecture,
+    prepared: PreparedStore,
+    store: FeatureStore,
+    shards: list[int],
+    batch_size: int,
+    device: torch.device,
+    progress: bool = True,
+) -> ExtractionStats:
+    """Run the teacher over `shards` of the prepared train split and write their features.
+
+    Shards already flagged complete are skipped, so a killed run continues where it stopped."""
+    todo = sorted(set(shards) - store.done_shards())
+    total = sum(stop - start for start, stop in map(store.shard_range, todo))
+    teacher = teacher.to(device).eval()
+    started = time.perf_counter()
+    written = {"samples": 0, "bytes": 0}
+    bar = progress_bar(
+        enabled=progress, total=total, desc=f"extract {store.manifest.task}", unit="sample"
+    )
+
+    def on_written(samples: int, raw_bytes: int) -> None:
+        written["samples"] += samples
+        written["bytes"] += raw_bytes
+        elapsed = max(time.perf_counter() - started, 1e-9)
+        bar.set_postfix(
+            {
+                "samples/s": f"{written['samples'] / elapsed:.0f}",
+                "MB/s": f"{written['bytes'] / elapsed / 1e6:.1f}",
+            },
+            refresh=False,
+        )
+        bar.update(samples)
+
+    writer = _ShardWriter(store, on_written)
+    dtype_name = store.manifest.features[FEATURES[0]].dtype
+    dtype = getattr(torch, dtype_name)
+    try:
+        for shard, images, views in shard_inputs(store, prepared, todo):
+            features = teacher_features(teacher, images, views, batch_size, device, dtype)
+            for name, feature in features.items():
+                if not torch.isfinite(feature).all():
+                    raise KdmtlError(
+                        f"teacher {store.manifest.task}'s {name} feature is not finite in "
+                        f"{dtype_name} (overflow?); set features.dtype: float32"
+                    )
+            start, stop = store.shard_range(shard)
+            values = {name: feature.numpy() for name, feature in features.items()}
+            values["sample_id"] = np.arange(start, stop, dtype=np.int64)
+            values["views"] = views
+            writer.put(shard, values)
+    except BaseException:
+        writer.stop()
+        raise
+    else:
+        writer.close()
+    finally:
+        bar.close()
+    return ExtractionStats(
+        len(todo), written["samples"], written["bytes"], time.perf_counter() - started
+    )
