@@ -23,19 +23,22 @@ from pipeline.training import (
     make_scheduler,
 )
 from pipeline.weighting import WEIGHTINGS, StepContext
-from schemas.params import LoaderParams, ModelParams, StudentParams
+from schemas.params import FeatureParams, LoaderParams, ModelParams, StudentParams
 
 
 def check_stores(
     stores: dict[str, FeatureStore],
     prepared: PreparedStore,
     checkpoint_sha256: dict[str, str | None],
+    config: FeatureParams,
+    augment: bool,
 ) -> None:
-    """Refuse a stale, incomplete or mismatched store, naming it and what is wrong.
+    """Refuse a stale, incomplete, damaged or mismatched store, naming it and what is wrong:
+    each store must hold its task's features of the current prepared data and teacher, stored
+    and viewed as the features params say, with every shard file as written.
 
     A teacher's checkpoint is compared only where it exists: distilling from the cache needs no
     teacher."""
-    views = None
     for task, store in stores.items():
         manifest = store.manifest
         problems = store.stale_against(
@@ -46,17 +49,13 @@ def check_stores(
         if not manifest.complete:
             done = len(store.done_shards())
             problems.append(f"incomplete ({done} of {manifest.num_shards} shards written)")
+        problems += store.layout_against(config, augment)
         if problems:
             raise DataError(
                 f"feature store {store.path} cannot be used: {'; '.join(problems)}; "
                 f"run `kdmtl extract-features --teacher {task}`"
             )
-        if views is not None and manifest.views != views:
-            raise DataError(
-                f"feature store {store.path} caches other views than the other stores "
-                f"({manifest.views} vs {views}); extract every teacher with the same params"
-            )
-        views = manifest.views
+        store.check_intact()
 
 
 class StudentSource:

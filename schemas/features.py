@@ -4,7 +4,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from schemas.base import Contract
+from schemas.base import Contract, FileRecord
 
 
 class FeatureArrayInfo(Contract):
@@ -47,4 +47,6 @@ class FeatureManifest(Contract):
     views: ViewSpec
     features: dict[str, FeatureArrayInfo]
     kdmtl_version: str
+    # every zarr.json below the root, by relative path; recorded when the store is created
+    metadata_files: dict[str, FileRecord] = Field(default_factory=dict)
     complete: bool = False

@@ -3,17 +3,44 @@
 Names that come from registries of the library (tasks, data sources) are checked against a
 validation context, `{"tasks": [...], "sources": {source: [tasks it provides]}}`, so that adding a
 task or a source never touches this file. Without a context those checks are skipped.
+
+Integers are strict: YAML's `true` is a Python bool, which pydantic's lax mode would read as 1.
+Floats take integers (YAML reads `lr: 1` as one) and numeric strings (YAML 1.1 reads `1e-3`,
+without a dot, as a string) but neither booleans nor infinities or NaN.
 """
 
 import re
 from collections.abc import Iterable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AllowInfNan,
+    BeforeValidator,
+    Field,
+    Strict,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from schemas.base import Contract
 
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+# torch.manual_seed takes at most 2**64 - 1 and numpy's generators any size, but seeds are also
+# recorded with the outputs (checkpoints, store metadata): a signed 64-bit integer fits them all.
+MAX_SEED = 2**63 - 1
+
+
+def _not_a_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("Input should be a number, not a boolean")
+    return value
+
+
+Int = Annotated[int, Strict()]
+Float = Annotated[float, BeforeValidator(_not_a_bool), AllowInfNan(False)]
+Seed = Annotated[int, Strict(), Field(ge=0, le=MAX_SEED)]
 
 
 def _context(info: ValidationInfo) -> dict[str, Any]:
@@ -40,16 +67,16 @@ class DataParams(Contract):
         "scenes", description="Data source: scenes (built-in), nyuv2 or cityscapes."
     )
     root: str | None = Field(None, description="Folder of a real dataset; unused by scenes.")
-    seed: int = Field(0, ge=0, description="Seed of the built-in scenes; unused by real datasets.")
-    num_train: int | None = Field(
+    seed: Seed = Field(0, description="Seed of the built-in scenes; unused by real datasets.")
+    num_train: Int | None = Field(
         800, ge=1, description="Training samples; for real datasets the first N, null for all."
     )
-    num_test: int | None = Field(
+    num_test: Int | None = Field(
         200, ge=1, description="Test samples; for real datasets the first N, null for all."
     )
-    height: int = Field(48, ge=8, le=4096, description="Image height in pixels.")
-    width: int = Field(64, ge=8, le=4096, description="Image width in pixels.")
-    chunk_size: int = Field(
+    height: Int = Field(48, ge=8, le=4096, description="Image height in pixels.")
+    width: Int = Field(64, ge=8, le=4096, description="Image width in pixels.")
+    chunk_size: Int = Field(
         32, ge=1, le=4096, description="Samples per chunk: the grid shared by all Zarr stores."
     )
     augment: bool = Field(
@@ -66,21 +93,29 @@ class DataParams(Contract):
 class LoaderParams(Contract):
     """How training reads its data."""
 
-    num_workers: int = Field(
+    num_workers: Int = Field(
         0, ge=0, le=64, description="Reader processes (spawned); 0 reads in the training process."
     )
-    buffer_chunks: int = Field(
+    buffer_chunks: Int = Field(
         4, ge=1, description="Chunks shuffled together: memory holds this many chunks at most."
     )
+
+
+# Bounds on a network's size, far above any kdmtl trains (the paper's widest level has 512
+# filters, it has 5 levels), so that a typo or a hostile checkpoint never builds a network that
+# exhausts the memory. Each level halves the image: 2**12 is the largest side params allow.
+MAX_FILTERS = 4096
+MAX_LEVELS = 12
 
 
 class ModelParams(Contract):
     """A network of the SegNet family (or another registered architecture)."""
 
     arch: str = "segnet"
-    filters: list[int] = Field(
+    filters: list[Int] = Field(
         [16, 32, 64, 128],
         min_length=1,
+        max_length=MAX_LEVELS,
         description="Channels per level; the paper's are [64, 128, 256, 512, 512].",
     )
 
@@ -93,21 +128,21 @@ class ModelParams(Contract):
     @field_validator("filters")
     @classmethod
     def _positive(cls, value: list[int]) -> list[int]:
-        if min(value) < 1:
-            raise ValueError(f"filters must be positive, got {value}")
+        if min(value) < 1 or max(value) > MAX_FILTERS:
+            raise ValueError(f"filters must be from 1 to {MAX_FILTERS}, got {value}")
         return value
 
 
 class TrainParams(Contract):
     """Optimisation of one network: Adam, with a per-epoch learning-rate schedule."""
 
-    epochs: int = Field(20, ge=1)
-    batch_size: int = Field(16, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
+    epochs: Int = Field(20, ge=1)
+    batch_size: Int = Field(16, ge=1)
+    lr: Float = Field(1e-3, gt=0)
+    weight_decay: Float = Field(0.0, ge=0)
     scheduler: Literal["cosine", "step", "none"] = "cosine"
-    step_size: int = Field(10, ge=1, description="Epochs between decays of the step scheduler.")
-    gamma: float = Field(0.5, gt=0, le=1, description="Decay factor of the step scheduler.")
+    step_size: Int = Field(10, ge=1, description="Epochs between decays of the step scheduler.")
+    gamma: Float = Field(0.5, gt=0, le=1, description="Decay factor of the step scheduler.")
 
 
 class TeacherParams(TrainParams):
@@ -141,21 +176,21 @@ class StudentParams(TrainParams):
     a loss weighting without distillation (`ew`, `dwa`, `uw`, `gradnorm`, `mgda`). With `kd`,
     `weighting` weights the task losses."""
 
-    epochs: int = Field(30, ge=1)
+    epochs: Int = Field(30, ge=1)
     model: ModelParams | None = Field(None, description="The student's network; null: as model.")
     method: str = "kd"
     weighting: str = Field("ew", description="Task-loss weighting used with method kd.")
     kd_source: Literal["cache", "online"] = Field(
         "cache", description="cache: stream the stored features; online: run the teachers."
     )
-    kd_weights: dict[str, float] = Field(
+    kd_weights: dict[str, Annotated[Float, Field(ge=0)]] = Field(
         {"semseg": 1.0, "depth": 1.0, "normal": 2.0},
-        description="lambda per task, multiplying its two feature distances.",
+        description="lambda >= 0 per task, multiplying its two feature distances.",
     )
-    adaptor_lr: float = Field(0.1, gt=0, description="Adam learning rate of the adaptors.")
-    adaptor_weight_decay: float = Field(5e-4, ge=0)
-    gradnorm_alpha: float = Field(1.5, ge=0, description="GradNorm's asymmetry alpha.")
-    seed: int = Field(0, ge=0, description="Seed of the student's initialisation and batches.")
+    adaptor_lr: Float = Field(0.1, gt=0, description="Adam learning rate of the adaptors.")
+    adaptor_weight_decay: Float = Field(5e-4, ge=0)
+    gradnorm_alpha: Float = Field(1.5, ge=0, description="GradNorm's asymmetry alpha.")
+    seed: Seed = Field(0, description="Seed of the student's initialisation and batches.")
 
     @field_validator("method", "weighting")
     @classmethod
@@ -166,6 +201,13 @@ class StudentParams(TrainParams):
         _check_known([value], weightings, "a method")
         return value
 
+    @field_validator("kd_weights")
+    @classmethod
+    def _known_tasks(cls, value: dict[str, float], info: ValidationInfo) -> dict[str, float]:
+        # Any registered task, not only those in `tasks`: the defaults weight all three.
+        _check_known(value, _context(info).get("tasks"), "a task")
+        return value
+
 
 MANTISSA_BITS = {"float16": 10, "float32": 23}
 
@@ -174,15 +216,15 @@ class FeatureParams(Contract):
     """How teacher features are cached."""
 
     dtype: Literal["float16", "float32"] = "float16"
-    keep_bits: int | None = Field(
+    keep_bits: Int | None = Field(
         None, ge=1, description="Mantissa bits kept by BitRound before compression; null: all."
     )
     compressor: Literal["zstd", "lz4", "lz4hc", "blosclz", "zlib"] = "zstd"
-    clevel: int = Field(1, ge=0, le=9, description="Blosc compression level.")
-    shard_chunks: int = Field(4, ge=1, description="Chunks per shard file.")
-    views: int = Field(1, ge=1, description="Cached augmentation views per sample.")
-    seed: int = Field(0, ge=0, description="Seed of the cached views.")
-    batch_size: int = Field(64, ge=1, description="Teacher batch size during extraction.")
+    clevel: Int = Field(1, ge=0, le=9, description="Blosc compression level.")
+    shard_chunks: Int = Field(4, ge=1, description="Chunks per shard file.")
+    views: Int = Field(1, ge=1, description="Cached augmentation views per sample.")
+    seed: Seed = Field(0, description="Seed of the cached views.")
+    batch_size: Int = Field(64, ge=1, description="Teacher batch size during extraction.")
 
     @model_validator(mode="after")
     def _keep_bits_fit_the_dtype(self) -> "FeatureParams":
@@ -210,7 +252,7 @@ class PathParams(Contract):
 class Params(Contract):
     """The whole params file."""
 
-    seed: int = Field(0, ge=0, description="Seed of the teachers' initialisation and order.")
+    seed: Seed = Field(0, description="Seed of the teachers' initialisation and order.")
     device: str = Field(
         "auto", description="auto (CUDA when present, else CPU), cpu, cuda or cuda:N."
     )

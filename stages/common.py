@@ -3,7 +3,6 @@
 import errno
 import functools
 import json
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -66,7 +65,17 @@ def load_params(path: Path) -> Params:
     if not path.is_file():
         raise UserError(f"{path} not found: run kdmtl in the project folder or pass --params FILE")
     try:
-        raw = yaml.safe_load(path.read_text())
+        # Explicitly UTF-8 (YAML's encoding), not the locale's; "-sig" drops a leading BOM.
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise UserError(
+            f"{path} is not UTF-8 text (byte {error.object[error.start]:#04x} at offset "
+            f"{error.start}): save it as UTF-8"
+        ) from None
+    except OSError as error:
+        raise UserError(f"cannot read {path}: {error.strerror or error}") from None
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as error:
         raise UserError(f"{path} is not valid YAML: {error}") from None
     if raw is None:
@@ -127,6 +136,15 @@ def params_option(command: Callable) -> Callable:
     )(command)
 
 
+def _without_worker_traceback(message: str) -> str:
+    """A DataLoader worker's error comes back with the worker's traceback in its message: keep
+    the original message, its last line."""
+    if "Original Traceback" not in message:
+        return message
+    last = message.strip().splitlines()[-1]
+    return last.split(": ", 1)[1] if last.startswith("pipeline.errors.") else last
+
+
 def user_errors(command: Callable) -> Callable:
     """Turns library errors caused by the input into one clear message and a non-zero exit."""
 
@@ -135,7 +153,7 @@ def user_errors(command: Callable) -> Callable:
         try:
             return command(*args, **kwargs)
         except KdmtlError as error:
-            raise UserError(str(error)) from None
+            raise UserError(_without_worker_traceback(str(error))) from None
         except OSError as error:
             if error.errno == errno.ENOSPC:
                 raise click.ClickException(
@@ -151,10 +169,38 @@ def write_json(path: Path, value: object) -> None:
     write_atomically(path, lambda partial: partial.write_text(json.dumps(value, indent=2) + "\n"))
 
 
+def _is_curve(path: Path) -> bool:
+    """Whether `path` is a curve file that `write_curves` wrote."""
+    try:
+        rows = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(rows, list) and all(isinstance(r, dict) and "epoch" in r for r in rows)
+
+
+def forget_reports(metrics: Path | None, curves: Path) -> None:
+    """Remove the metrics file and the curves of a checkpoint about to be replaced, so that a
+    run killed between the new checkpoint and its reports leaves no reports of the old one.
+    Only kdmtl's own files go: a metrics file that is JSON, curve files in the folder."""
+    if metrics is not None and metrics.is_file():
+        try:
+            json.loads(metrics.read_text())
+        except (OSError, ValueError):
+            raise KdmtlError(
+                f"{metrics} exists and is not a kdmtl metrics file: move it away or set "
+                "paths.metrics to another folder"
+            ) from None
+        metrics.unlink()
+    if curves.is_dir():
+        for path in curves.glob("*.json"):
+            if _is_curve(path):
+                path.unlink()
+
+
 def write_curves(folder: Path, rows: list[dict[str, float]]) -> None:
     """One JSON file per logged value, `[{"epoch": e, NAME: v}, ...]`: DVC plots a folder of
-    them as one chart per file."""
-    shutil.rmtree(folder, ignore_errors=True)
+    them as one chart per file. Curves of values no longer logged go; other files stay."""
+    forget_reports(None, folder)
     for name in rows[0]:
         if name != "epoch":
             write_json(

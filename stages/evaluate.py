@@ -7,7 +7,7 @@ import click
 from pipeline.checkpoints import load_student
 from pipeline.errors import KdmtlError
 from pipeline.evaluation import compare, prediction_grid
-from pipeline.files import write_atomically
+from pipeline.files import sha256_file, write_atomically
 from pipeline.store.prepared import PreparedSplit, open_prepared
 from pipeline.store.stream import ChunkStream
 from pipeline.tasks import make_tasks
@@ -31,7 +31,15 @@ def command(params: Params) -> None:
     student, metadata = load_student(student_path)
     if metadata.prepared_fingerprint != prepared.manifest.fingerprint:
         raise KdmtlError(f"{student_path} was trained on other prepared data than {prepared.path}")
-    teachers = {task: load_current_teacher(params, task, prepared)[0] for task in metadata.tasks}
+    teachers = {}
+    for task in metadata.tasks:
+        teachers[task], _, path = load_current_teacher(params, task, prepared)
+        distilled = metadata.distilled_from.get(task)
+        if distilled is not None and distilled != sha256_file(path):
+            raise KdmtlError(
+                f"{student_path} was distilled from another {task} teacher than {path}: "
+                "run `kdmtl train-student` again (or `dvc repro`)"
+            )
     tasks = make_tasks(metadata.tasks, prepared.manifest.num_classes)
     device = resolve_device(params.device)
     test = ChunkStream(PreparedSplit(prepared, "test", metadata.tasks), 32, shuffle=False)

@@ -70,7 +70,8 @@ def command(task: str, shard_of: str | None, params: Params) -> None:
         params.data.augment,
     )
     path = Path(params.paths.features) / f"{task}.zarr"
-    store = open_or_create(path, manifest, params.features, may_reset=parts == 1)
+    inputs = {"paths.prepared": prepared.path}
+    store = open_or_create(path, manifest, params.features, parts == 1, inputs)
     shards = assign_shards(manifest.num_shards, part, parts)
     stats = extract(teacher, prepared, store, shards, params.features.batch_size, device)
     complete = store.mark_complete_if_all_done()

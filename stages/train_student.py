@@ -5,7 +5,7 @@ from pathlib import Path
 import click
 
 from pipeline import __version__
-from pipeline.checkpoints import save_checkpoint
+from pipeline.checkpoints import ensure_replaceable, save_checkpoint
 from pipeline.files import sha256_file
 from pipeline.store.features import FeatureStore
 from pipeline.store.prepared import open_prepared
@@ -13,7 +13,13 @@ from pipeline.student import check_stores, train_student
 from pipeline.training import resolve_device
 from schemas.checkpoint import ModelSpec, StudentMetadata
 from schemas.params import Params
-from stages.common import load_current_teacher, params_option, user_errors, write_curves
+from stages.common import (
+    forget_reports,
+    load_current_teacher,
+    params_option,
+    user_errors,
+    write_curves,
+)
 
 
 @click.command("train-student")
@@ -21,6 +27,8 @@ from stages.common import load_current_teacher, params_option, user_errors, writ
 @user_errors
 def command(params: Params) -> None:
     """Train the multi-task student: from the cached teacher features (method kd), or plain."""
+    path = Path(params.paths.student)
+    ensure_replaceable(path)  # before training, not after
     prepared = open_prepared(Path(params.paths.prepared))
     prepared.check_matches(params.data)
     config = params.student
@@ -32,7 +40,7 @@ def command(params: Params) -> None:
         }
         checkpoints = {task: Path(params.paths.teachers) / f"{task}.pt" for task in params.tasks}
         shas = {task: sha256_file(p) if p.is_file() else None for task, p in checkpoints.items()}
-        check_stores(stores, prepared, shas)
+        check_stores(stores, prepared, shas, params.features, params.data.augment)
         distilled_from = {task: store.manifest.checkpoint_sha256 for task, store in stores.items()}
     elif config.method == "kd":
         teachers = {}
@@ -62,9 +70,10 @@ def command(params: Params) -> None:
         test_metrics=result.test_metrics,
         kdmtl_version=__version__,
     )
-    path = Path(params.paths.student)
+    curves = Path(params.paths.plots) / "student"
+    forget_reports(None, curves)
     save_checkpoint(path, result.model, metadata)
-    write_curves(Path(params.paths.plots) / "student", result.history)
+    write_curves(curves, result.history)
     shown = "; ".join(
         f"{task} " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
         for task, metrics in result.test_metrics.items()

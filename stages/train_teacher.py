@@ -5,13 +5,20 @@ from pathlib import Path
 import click
 
 from pipeline import __version__
-from pipeline.checkpoints import save_checkpoint
+from pipeline.checkpoints import ensure_replaceable, save_checkpoint
 from pipeline.store.prepared import open_prepared
 from pipeline.teacher import train_teacher
 from pipeline.training import resolve_device
 from schemas.checkpoint import ModelSpec, TeacherMetadata, TeacherReport
 from schemas.params import Params
-from stages.common import choose_task, params_option, user_errors, write_curves, write_json
+from stages.common import (
+    choose_task,
+    forget_reports,
+    params_option,
+    user_errors,
+    write_curves,
+    write_json,
+)
 
 
 @click.command("train-teacher")
@@ -21,6 +28,8 @@ from stages.common import choose_task, params_option, user_errors, write_curves,
 def command(task: str, params: Params) -> None:
     """Train one single-task teacher on the prepared data."""
     choose_task(task, params)
+    checkpoint = Path(params.paths.teachers) / f"{task}.pt"
+    ensure_replaceable(checkpoint)  # before training, not after
     store = open_prepared(Path(params.paths.prepared))
     store.check_matches(params.data)
     train = params.teacher.for_task(task)
@@ -39,13 +48,15 @@ def command(task: str, params: Params) -> None:
         test_metrics=result.test_metrics,
         kdmtl_version=__version__,
     )
-    checkpoint = Path(params.paths.teachers) / f"{task}.pt"
+    metrics = Path(params.paths.metrics) / "teachers" / f"{task}.json"
+    curves = Path(params.paths.plots) / "teachers" / task
+    forget_reports(metrics, curves)
     save_checkpoint(checkpoint, result.model, metadata)
     report = TeacherReport(
         test=result.test_metrics, baseline=result.baseline_metrics, epochs=train.epochs
     )
-    write_json(Path(params.paths.metrics) / "teachers" / f"{task}.json", report.model_dump())
-    write_curves(Path(params.paths.plots) / "teachers" / task, result.history)
+    write_json(metrics, report.model_dump())
+    write_curves(curves, result.history)
     shown = ", ".join(f"{k} {v:.4f}" for k, v in result.test_metrics.items())
     base = ", ".join(f"{k} {v:.4f}" for k, v in result.baseline_metrics.items())
     click.echo(f"wrote {checkpoint}: test {shown}\n  trivial baseline: {base}")

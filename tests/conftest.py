@@ -4,6 +4,8 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -81,3 +83,52 @@ def dvc(*args: str, cwd: Path) -> str:
     result = run(sys.executable, "-m", "dvc", *args, cwd=cwd)
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
+
+
+@contextmanager
+def tmpfs(folder: Path, size: str) -> Iterator[Path]:
+    """A real small disk at `folder` (a tmpfs of `size`, e.g. "16k"), to fill up. Mounting needs
+    root, as the tests run here and in CI; a test that cannot mount one fails, never skips."""
+    folder.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)]
+    mounted = subprocess.run(mount, capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.fail(f"`{' '.join(mount)}` failed (run the tests as root): {mounted.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        # Lazily: a file a failed writer left open must not keep the mount busy.
+        subprocess.run(["umount", "--lazy", str(folder)], check=True)
+
+
+OUTPUT_PARAMS = TINY_PARAMS | {"teacher": {"epochs": 1, "batch_size": 4}}
+
+
+@pytest.fixture(scope="session")
+def pipeline_outputs(tmp_path_factory) -> Path:
+    """A tiny project run through the whole pipeline once: prepared data, three teachers, their
+    feature stores and a kd student. Tests work on copies (`outputs`)."""
+    folder = tmp_path_factory.mktemp("outputs")
+    write_params(folder, OUTPUT_PARAMS)
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        steps = [["prepare"]]
+        for task in ("semseg", "depth", "normal"):
+            steps.append(["train-teacher", "--teacher", task])
+            steps.append(["extract-features", "--teacher", task])
+        for step in [*steps, ["train-student"]]:
+            result = kdmtl(*step)
+            assert result.exit_code == 0, result.output
+    finally:
+        os.chdir(cwd)
+    return folder
+
+
+@pytest.fixture
+def outputs(pipeline_outputs: Path, tmp_path: Path, monkeypatch) -> Path:
+    """A copy of `pipeline_outputs`, made the current directory."""
+    folder = tmp_path / "project"
+    shutil.copytree(pipeline_outputs, folder)
+    monkeypatch.chdir(folder)
+    return folder

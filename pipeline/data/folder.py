@@ -7,15 +7,16 @@ antialiasing, the targets by nearest neighbour so that labels, invalid depth and
 exact.
 """
 
+import math
 from pathlib import Path
-from typing import ClassVar
+from typing import BinaryIO, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from pipeline.data.sources import SOURCES, DataSource
-from pipeline.errors import DataError
+from pipeline.errors import DataError, reading
 
 SPLIT_FOLDERS = {"train": "train", "test": "val"}
 # Prepared array name -> folder name and the shape of one file, H and W standing for the size.
@@ -25,6 +26,15 @@ FILES = {
     "depth": ("depth", ("H", "W", 1)),
     "normal": ("normal", ("H", "W", 3)),
 }
+# Largest height and width of a file, checked from its header before anything is allocated so
+# that a damaged or hostile header cannot claim terabytes. Far above these datasets' frames
+# (NYU-v2 480 x 640, Cityscapes 1024 x 2048, less once preprocessed), yet it still bounds one
+# file to 16384 x 16384 x 3 values.
+MAX_SIDE = 16384
+# bool, signed and unsigned integers, floats: complex (imaginary part dropped), datetimes,
+# strings, objects (pickles) and structured records are not pixel values.
+REAL_KINDS = "biuf"
+ZIP_MAGIC = b"PK"  # .npz archives are zip files
 
 
 class FolderSource(DataSource):
@@ -80,27 +90,94 @@ class FolderSource(DataSource):
         return {name: np.stack([s[name] for s in samples]) for name in self.arrays}
 
     def _load(self, path: Path, name: str) -> np.ndarray:
-        try:
-            array = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as error:
-            raise DataError(f"cannot read {path}: {error}") from None
-        expected = FILES[name][1]
-        if self._size is None:
-            self._size, self._first_file = array.shape[:2], path
-        size = dict(zip("HW", self._size, strict=True))
-        shape = tuple(size.get(d, d) for d in expected)
+        """The array in `path`, checked from its header before its data is read; every array
+        but the labels comes back as float32, the dtype it is stored in."""
+        with reading(path, "write it again with numpy.save"), path.open("rb") as file:
+            shape, dtype = self._check_header(file, path, name)
+            file.seek(0)
+            array = np.lib.format.read_array(file, allow_pickle=False)
+        if (array.shape, array.dtype) != (shape, dtype):  # rewritten since its header was read
+            raise DataError(f"cannot read {path}: it changed while being read")
         if name == "depth" and array.ndim == 2:
             array = array[..., None]
-        if array.shape != shape:
-            raise DataError(
-                f"{path} has shape {array.shape}, expected {shape} "
-                f"(size {self._size[0]}x{self._size[1]} as in {self._first_file})"
-            )
-        if not np.issubdtype(array.dtype, np.number):
-            raise DataError(f"{path} holds {array.dtype} values, expected numbers")
         if not np.isfinite(array).all():
             raise DataError(f"{path} holds NaN or infinite values")
+        if name != "semseg":
+            # Finite float64 values beyond 3.4e38 become infinite in float32: refused just below.
+            with np.errstate(over="ignore"):
+                converted = array.astype(np.float32)
+            if not np.isfinite(converted).all():
+                raise DataError(
+                    f"{path} holds values too large for float32 (largest magnitude "
+                    f"{np.abs(array).max():.3g}, float32 stops at {np.finfo(np.float32).max:.3g})"
+                )
+            array = converted
         return array
+
+    def _check_header(
+        self, file: BinaryIO, path: Path, name: str
+    ) -> tuple[tuple[int, ...], np.dtype]:
+        """Refuse from the header alone, before anything is allocated, a file that is not one
+        sample's `name` array: its dtype, its shape, whether the file holds all the data the
+        header announces. Returns the shape and dtype."""
+        magic = file.read(len(np.lib.format.MAGIC_PREFIX))
+        if not magic:
+            raise DataError(f"{path} is empty (0 bytes): write the array again with numpy.save")
+        if magic.startswith(ZIP_MAGIC):
+            raise DataError(
+                f"{path} is a .npz archive, not a .npy array: save each array on its own with "
+                "numpy.save"
+            )
+        file.seek(0)
+        version = np.lib.format.read_magic(file)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(file)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(file)
+        else:  # 3.0 only differs for structured dtypes with non-ASCII field names
+            raise DataError(f"{path} is a .npy file of version {version}, expected 1.0 or 2.0")
+        data_start = file.tell()
+        if dtype.kind not in REAL_KINDS or dtype.fields is not None or dtype.subdtype is not None:
+            raise DataError(
+                f"{path} holds {dtype} values, expected real numbers "
+                "(bool, integers or floats): convert the array before saving it"
+            )
+        expected = FILES[name][1]
+        ndims = {len(expected), 2} if name == "depth" else {len(expected)}
+        # Channels must match now; height and width when the size of the first file is known.
+        if len(shape) not in ndims or any(
+            isinstance(want, int) and got != want
+            for want, got in zip(expected[2:], shape[2:], strict=False)
+        ):
+            wanted = " x ".join(str(d) for d in expected)
+            if name == "depth":
+                wanted += " or H x W"
+            raise DataError(
+                f"{path} has shape {shape}, expected {wanted} (H and W the height and width)"
+            )
+        if not all(1 <= side <= MAX_SIDE for side in shape[:2]):
+            raise DataError(
+                f"{path} has shape {shape}: height and width must be at least 1 and at most "
+                f"{MAX_SIDE} pixels"
+            )
+        if self._size is None:
+            self._size, self._first_file = shape[:2], path
+        elif shape[:2] != self._size:
+            full = tuple(dict(zip("HW", self._size, strict=True)).get(d, d) for d in expected)
+            if name == "depth" and len(shape) == 2:
+                full = full[:2]
+            raise DataError(
+                f"{path} has shape {shape}, expected {full} "
+                f"(size {self._size[0]}x{self._size[1]} as in {self._first_file})"
+            )
+        size = path.stat().st_size
+        needed = data_start + math.prod(shape) * dtype.itemsize
+        if size < needed:
+            raise DataError(
+                f"{path} is truncated: its header announces {shape} {dtype} values, "
+                f"{needed} bytes, but the file holds {size}; write it again with numpy.save"
+            )
+        return shape, dtype
 
     def _read_sample(self, split: str, i: int) -> dict[str, np.ndarray]:
         files = {name: self._folder(split, name) / f"{i}.npy" for name in self.arrays}
@@ -108,7 +185,7 @@ class FolderSource(DataSource):
         image = raw["image"]
         if image.min() < 0 or image.max() > 1:
             raise DataError(f"{files['image']} has values outside [0, 1]")
-        sample = {"image": torch.from_numpy(image.astype(np.float32)).permute(2, 0, 1)}
+        sample = {"image": torch.from_numpy(image).permute(2, 0, 1)}
         if "semseg" in raw:
             labels = raw["semseg"]
             bad = (labels != np.round(labels)) | (labels < -1) | (labels >= len(self.class_names))
@@ -120,7 +197,7 @@ class FolderSource(DataSource):
             sample["semseg"] = torch.from_numpy(labels.astype(np.int16))[None]
         for name in ("depth", "normal"):
             if name in raw:
-                sample[name] = torch.from_numpy(raw[name].astype(np.float32)).permute(2, 0, 1)
+                sample[name] = torch.from_numpy(raw[name]).permute(2, 0, 1)
         return self._to_prepared(sample)
 
     def _to_prepared(self, sample: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:

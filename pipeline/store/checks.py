@@ -8,10 +8,10 @@ import dask.array as da
 import numpy as np
 import torch
 
-from pipeline.errors import DataError
+from pipeline.errors import reading
 from pipeline.models import FEATURES, Architecture
 from pipeline.store.extract import teacher_features
-from pipeline.store.features import SPLIT, FeatureStore
+from pipeline.store.features import SPLIT, FeatureStore, keep_bits
 from pipeline.store.prepared import PreparedStore
 from schemas.params import MANTISSA_BITS
 
@@ -30,6 +30,7 @@ def bytes_on_disk(folder: Path) -> int:
 def summarize(store: FeatureStore) -> dict:
     """Per feature: layout, codecs, sizes and value statistics, computed shard by shard in
     float64 (float16 sums overflow), so memory stays flat whatever the store's size."""
+    store.check_intact()
     manifest = store.manifest
     done = len(store.done_shards())
     summary = {
@@ -49,13 +50,8 @@ def summarize(store: FeatureStore) -> dict:
         mean = x.mean(axis=axes, dtype="f8")
         square = (x.astype("f8") ** 2).mean(axis=axes)
         zeros, nans, infs = (x == 0).sum(), da.isnan(x).sum(), da.isinf(x).sum()
-        try:
+        with reading(store.path / SPLIT / name, "`kdmtl verify` names the damaged shards"):
             mean, square, zeros, nans, infs = dask.compute(mean, square, zeros, nans, infs)
-        except ValueError as error:  # a failed checksum or a damaged shard
-            raise DataError(
-                f"cannot read {store.path / SPLIT / name}: {error}; "
-                "`kdmtl verify` names the damaged shards"
-            ) from None
         std = np.sqrt(np.maximum(square - mean**2, 0))
         raw = int(np.prod(x.shape)) * 4
         disk = bytes_on_disk(store.path / SPLIT / name)
@@ -148,11 +144,7 @@ def recompute(
     views = store.array("views").oindex[samples][np.arange(len(samples)), chosen_views]
     recomputed = teacher_features(teacher, torch.from_numpy(images), views[:, None], 64, device)
     info = manifest.features[FEATURES[0]]
-    keep_bits = next(
-        (c["configuration"]["keepbits"] for c in info.codecs if c["name"] == "numcodecs.bitround"),
-        None,
-    )
-    allowed = tolerance(info.dtype, keep_bits)
+    allowed = tolerance(info.dtype, keep_bits(info.codecs))
     errors = {}
     for name in manifest.features:
         chosen = store.array(name, "r").oindex[samples][np.arange(len(samples)), chosen_views]

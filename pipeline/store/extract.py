@@ -141,8 +141,9 @@ def extract(
 ) -> ExtractionStats:
     """Run the teacher over `shards` of the prepared train split and write their features.
 
-    Shards already flagged complete are skipped, so a killed run continues where it stopped."""
-    todo = sorted(set(shards) - store.done_shards())
+    Shards already written, with their files as recorded, are skipped, so a killed run continues
+    where it stopped."""
+    todo = sorted(set(shards) - store.intact_shards())
     total = sum(stop - start for start, stop in map(store.shard_range, todo))
     teacher = teacher.to(device).eval()
     started = time.perf_counter()

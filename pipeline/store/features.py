@@ -5,19 +5,22 @@ Layout of `features/TASK.zarr` (split `train`):
 - `train/bottleneck`, `train/decoder`: [N, V, C, h, w] features of V cached views per sample;
 - `train/sample_id`: int64 [N], the prepared sample each row belongs to;
 - `train/views`: float32 [N, V, 4], the augmentation parameters of each view (`pipeline.augment`);
-- `train/complete`: uint8 [num_shards], one chunk per shard, set once that shard is written.
+- `train/written`: uint64 [num_shards, arrays, 5], one chunk per shard, set once that shard is
+  written: the size and sha256 of each array's shard file (`pipeline.store.integrity`).
 
 All arrays are chunked along samples on the prepared data's grid and sharded (`shard_chunks` chunks
 per file), so a store holds tens of files. Features are stored as float16 by default, optionally
 bit-rounded, compressed by Blosc and checksummed with crc32c, so a corrupted chunk fails at read.
-The group attributes hold a `FeatureManifest`, marked complete only when every shard is written.
+The group attributes hold a sealed `FeatureManifest`, marked complete only when every shard is
+written.
 
 Shards are the unit of work: each is written whole by one writer (a partial-shard write is a
-read-modify-write that loses data when processes share a store), flagged in `complete` afterwards,
-and skipped when a killed run is started again.
+read-modify-write that loses data when processes share a store), recorded in `written`
+afterwards, and skipped when a killed run is started again. Readers check every recorded shard
+file's size when they open a store; `kdmtl verify` checks their digests.
 """
 
-import os
+import re
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -30,19 +33,34 @@ from zarr.codecs.numcodecs import BitRound
 
 from pipeline import __version__
 from pipeline.augment import SCALES
-from pipeline.errors import DataError
-from pipeline.store.manifest import MANIFEST_KEY, read_manifest
+from pipeline.errors import DAMAGE, DataError, reading
+from pipeline.files import remove_leftovers, work_path
+from pipeline.store.integrity import (
+    RECORD_WORDS,
+    chunk_file,
+    file_problem,
+    from_words,
+    metadata_problems,
+    record_file,
+    record_metadata,
+    to_words,
+)
+from pipeline.store.manifest import check_writable, group_problems, read_manifest, write_manifest
 from pipeline.store.prepared import PreparedStore
+from schemas.base import FileRecord
 from schemas.features import FeatureArrayInfo, FeatureManifest, ViewSpec
 from schemas.params import FeatureParams
 
 SPLIT = "train"
+REMEDY = "extract the features again (`kdmtl extract-features --teacher TASK`, or `dvc repro`)"
 # BitRound is a numcodecs codec, outside the Zarr v3 specification: zarr warns each time it reads
 # the metadata. kdmtl writes and reads its own stores, so the warning says nothing to its users.
 warnings.filterwarnings("ignore", "Numcodecs codecs are not in the Zarr version 3 specification")
 BLOSC_BLOCK_BYTES = 1 << 18  # larger than Blosc's default: a better ratio, and faster, on features
 # Shards are written whole and rarely all zero: skip zarr's scan for empty chunks (half the cost).
 WRITE_EVERY_CHUNK = {"write_empty_chunks": True}
+# zarr writes each file to NAME.<uuid4 hex>.partial, then renames it: a kill leaves that file.
+ZARR_PARTIAL = re.compile(r".+\.[0-9a-f]{32}\.partial")
 
 
 def feature_codecs(config: FeatureParams) -> tuple[list, list]:
@@ -62,6 +80,21 @@ def feature_codecs(config: FeatureParams) -> tuple[list, list]:
     return filters, compressors
 
 
+def codec_records(config: FeatureParams) -> list[dict]:
+    """The features' codecs as zarr records them in an array's metadata."""
+    filters, compressors = feature_codecs(config)
+    probe = zarr.create_array(
+        store={}, shape=(1,), dtype=config.dtype, filters=filters, compressors=compressors
+    )
+    return [c.to_dict() for c in probe.metadata.codecs]
+
+
+def view_spec(config: FeatureParams, augment: bool) -> ViewSpec:
+    return ViewSpec(
+        views=config.views, augment=augment, scales=list(SCALES), flip=True, seed=config.seed
+    )
+
+
 def plan_manifest(
     task: str,
     checkpoint_sha256: str,
@@ -75,11 +108,7 @@ def plan_manifest(
     count = manifest.splits[SPLIT].num_samples
     chunk = manifest.chunk_size
     shard = chunk * config.shard_chunks
-    filters, compressors = feature_codecs(config)
-    probe = zarr.create_array(
-        store={}, shape=(1,), dtype=config.dtype, filters=filters, compressors=compressors
-    )
-    codecs = [c.to_dict() for c in probe.metadata.codecs]
+    codecs = codec_records(config)
     features = {
         name: FeatureArrayInfo(
             shape=[count, config.views, *shape],
@@ -99,9 +128,7 @@ def plan_manifest(
         chunk_size=chunk,
         shard_size=shard,
         num_shards=-(-count // shard),
-        views=ViewSpec(
-            views=config.views, augment=augment, scales=list(SCALES), flip=True, seed=config.seed
-        ),
+        views=view_spec(config, augment),
         features=features,
         kdmtl_version=__version__,
     )
@@ -109,8 +136,8 @@ def plan_manifest(
 
 def _differences(held: FeatureManifest, wanted: FeatureManifest) -> list[str]:
     """What makes a store's content other than what `wanted` describes."""
-    a = held.model_dump(exclude={"complete", "kdmtl_version"})
-    b = wanted.model_dump(exclude={"complete", "kdmtl_version"})
+    a = held.model_dump(exclude={"complete", "kdmtl_version", "metadata_files"})
+    b = wanted.model_dump(exclude={"complete", "kdmtl_version", "metadata_files"})
     return [f"{key}: {a[key]!r} (wanted {b[key]!r})" for key in a if a[key] != b[key]]
 
 
@@ -130,7 +157,7 @@ class FeatureStore:
     def create(cls, path: Path, manifest: FeatureManifest, config: FeatureParams) -> "FeatureStore":
         """Create the empty store; safe when several processes race to create the same one."""
         path = Path(path)
-        building = path.with_name(f"{path.name}.creating-{os.getpid()}")
+        building = work_path(path, "creating")
         shutil.rmtree(building, ignore_errors=True)
         group = zarr.open_group(building, mode="w", zarr_format=3)
         split = group.create_group(SPLIT)
@@ -161,11 +188,19 @@ class FeatureStore:
                 dtype=dtype,
                 compressors=compressors,
                 fill_value=0,
+                config=WRITE_EVERY_CHUNK,
             )
+        records = (manifest.num_shards, len(cls.shard_arrays(manifest)), RECORD_WORDS)
         split.create_array(
-            "complete", shape=(manifest.num_shards,), chunks=(1,), dtype="uint8", fill_value=0
+            "written",
+            shape=records,
+            chunks=(1, *records[1:]),
+            dtype="uint64",
+            compressors=[Crc32cCodec()],  # a damaged record fails to read: the shard is redone
+            fill_value=0,
         )
-        group.attrs[MANIFEST_KEY] = manifest.model_dump(mode="json")
+        manifest = manifest.model_copy(update={"metadata_files": record_metadata(building)})
+        write_manifest(building, manifest)
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             building.rename(path)
@@ -173,36 +208,118 @@ class FeatureStore:
             shutil.rmtree(building, ignore_errors=True)
         return cls.open(path)
 
+    @staticmethod
+    def shard_arrays(manifest: FeatureManifest) -> list[str]:
+        """The arrays with one file per shard, in the order of their records in `written`."""
+        return [*manifest.features, "sample_id", "views"]
+
     def array(self, name: str, mode: str = "r+") -> zarr.Array:
-        return zarr.open_array(self.path / SPLIT / name, mode=mode)
+        with reading(self.path / SPLIT / name / "zarr.json", REMEDY):
+            return zarr.open_array(self.path / SPLIT / name, mode=mode)
 
     def shard_range(self, shard: int) -> tuple[int, int]:
         start = shard * self.manifest.shard_size
         return start, min(start + self.manifest.shard_size, self.manifest.num_samples)
 
-    def done_shards(self) -> set[int]:
-        """Shards whose flag reads as set; an unreadable flag (a write killed midway) is unset."""
-        flags = self.array("complete")
-        done = set()
+    def shard_records(self) -> dict[int, dict[str, FileRecord] | None]:
+        """Per shard, its files' records; None for a shard not written, or whose record cannot
+        be read (a write killed midway, or damage)."""
+        written = self.array("written", "r")
+        names = self.shard_arrays(self.manifest)
+        records: dict[int, dict[str, FileRecord] | None] = {}
         for shard in range(self.manifest.num_shards):
             try:
-                if flags[shard]:
-                    done.add(shard)
-            except ValueError:
+                words = written[shard]
+            except DAMAGE:
+                records[shard] = None
                 continue
-        return done
+            parsed = [from_words(w) for w in words]
+            complete = all(r is not None for r in parsed)
+            records[shard] = dict(zip(names, parsed, strict=True)) if complete else None
+        return records
+
+    def done_shards(self) -> set[int]:
+        return {shard for shard, record in self.shard_records().items() if record is not None}
+
+    def intact_shards(self) -> set[int]:
+        """Written shards whose files still have the recorded sizes: a resumed extraction
+        rewrites the others."""
+        return {
+            shard
+            for shard, record in self.shard_records().items()
+            if record is not None
+            and not any(
+                file_problem(self.shard_file(name, shard), r, full=False)
+                for name, r in record.items()
+            )
+        }
+
+    def shard_file(self, name: str, shard: int) -> Path:
+        return chunk_file(self.path / SPLIT / name, self.array(name, "r"), shard)
 
     def mark_done(self, shard: int) -> None:
-        self.array("complete")[shard] = 1
+        """Record the shard's files, as written: from now on readers expect exactly these."""
+        names = self.shard_arrays(self.manifest)
+        words = [to_words(record_file(self.shard_file(name, shard))) for name in names]
+        self.array("written")[shard] = np.stack(words)
 
     def mark_complete_if_all_done(self) -> bool:
         """Set the manifest's completion once every shard is written (the last writer does)."""
         if len(self.done_shards()) < self.manifest.num_shards:
             return False
         self.manifest = self.manifest.model_copy(update={"complete": True})
-        group = zarr.open_group(self.path, mode="r+")
-        group.attrs[MANIFEST_KEY] = self.manifest.model_dump(mode="json")
+        write_manifest(self.path, self.manifest)
         return True
+
+    def problems(self, full: bool = False) -> list[str]:
+        """What disagrees with the manifest: each array's own metadata, the completion, and each
+        written shard file's presence and size (with `full`, its sha256 as well)."""
+        m = self.manifest
+        expected = {
+            name: (info.shape, info.dtype, info.chunks, info.shards)
+            for name, info in m.features.items()
+        }
+        shard, chunk, count = m.shard_size, m.chunk_size, m.num_samples
+        expected["sample_id"] = ([count], "int64", [chunk], [shard])
+        expected["views"] = ([count, m.views.views, 4], "float32", [chunk, m.views.views, 4])
+        expected["views"] += ([shard, m.views.views, 4],)
+        found = metadata_problems(self.path, m.metadata_files, full)
+        found += group_problems(self.path / SPLIT, REMEDY)
+        for name, (shape, dtype, chunks, shards) in expected.items():
+            try:
+                array = self.array(name, "r")
+            except DataError as error:
+                found.append(str(error))
+                continue
+            held = (list(array.shape), str(array.dtype), list(array.chunks), list(array.shards))
+            if held != (shape, dtype, chunks, shards):
+                found.append(
+                    f"{self.path / SPLIT / name} is {held[1]} {held[0]} in chunks of {held[2]} "
+                    f"and shards of {held[3]}, the manifest says {dtype} {shape}, {chunks}, "
+                    f"{shards}"
+                )
+        if found:
+            return found
+        try:
+            records = self.shard_records()
+        except DataError as error:
+            return [str(error)]
+        missing = [shard for shard, record in records.items() if record is None]
+        if m.complete and missing:
+            found.append(f"shards {missing} have no record of being written, yet it is complete")
+        for shard, record in records.items():
+            for name, file_record in (record or {}).items():
+                problem = file_problem(self.shard_file(name, shard), file_record, full)
+                if problem:
+                    found.append(problem)
+        return found
+
+    def check_intact(self) -> None:
+        """Refuse a store whose shard files are not those written (cheap: sizes only)."""
+        found = self.problems()
+        if found:
+            more = f" (and {len(found) - 1} more problems)" if len(found) > 1 else ""
+            raise DataError(f"feature store {self.path} is damaged: {found[0]}{more}; {REMEDY}")
 
     def stale_against(self, checkpoint_sha256: str, prepared_fingerprint: str) -> list[str]:
         """What makes the store out of date for this teacher checkpoint and prepared data."""
@@ -218,6 +335,31 @@ class FeatureStore:
                 f"prepared {prepared_fingerprint[:12]})"
             )
         return problems
+
+    def layout_against(self, config: FeatureParams, augment: bool) -> list[str]:
+        """What makes the store's values other than the features params would give: the
+        stored dtype, the codecs (BitRound's kept bits), and the cached views."""
+        problems = []
+        codecs = codec_records(config)
+        for name, info in self.manifest.features.items():
+            if info.dtype != config.dtype or info.codecs != codecs:
+                problems.append(
+                    f"{name} is stored as {info.dtype} with keep_bits {keep_bits(info.codecs)} "
+                    f"(params: {config.dtype}, keep_bits {config.keep_bits})"
+                )
+                break
+        wanted = view_spec(config, augment)
+        if self.manifest.views != wanted:
+            problems.append(f"views {self.manifest.views} (params: {wanted})")
+        return problems
+
+
+def keep_bits(codecs: list[dict]) -> int | None:
+    """BitRound's kept mantissa bits in an array's codecs, None without BitRound."""
+    return next(
+        (c["configuration"]["keepbits"] for c in codecs if c["name"] == "numcodecs.bitround"),
+        None,
+    )
 
 
 class FeatureChunks:
@@ -241,22 +383,36 @@ class FeatureChunks:
         if self._arrays is None:
             features = self.store.manifest.features
             self._arrays = {name: self.store.array(name, "r") for name in features}
-            self._small = {name: self.store.array(name, "r")[:] for name in ("sample_id", "views")}
+            for name in ("sample_id", "views"):
+                with reading(self.store.path / SPLIT / name, f"the store is damaged: {REMEDY}"):
+                    self._small[name] = self.store.array(name, "r")[:]
         start = chunk * self.chunk_size
         stop = min(start + self.chunk_size, len(self))
-        arrays = {name: a[start:stop] for name, a in self._arrays.items()}
+        arrays = {}
+        for name, array in self._arrays.items():
+            with reading(self.store.path / SPLIT / name, f"the store is damaged: {REMEDY}"):
+                arrays[name] = array[start:stop]
         return arrays | {name: values[start:stop] for name, values in self._small.items()}
 
 
 def open_or_create(
-    path: Path, manifest: FeatureManifest, config: FeatureParams, may_reset: bool
+    path: Path,
+    manifest: FeatureManifest,
+    config: FeatureParams,
+    may_reset: bool,
+    inputs: dict[str, Path],
 ) -> FeatureStore:
     """The store to extract into: resumed when it holds the same content, else made anew.
 
-    A store for other inputs is replaced only when `may_reset` (a single process); processes that
-    share a store refuse, since one of them could delete shards another has written.
+    Only a feature store that kdmtl made is ever replaced, and never one of the command's
+    `inputs` (params key -> path). A store for other inputs is replaced only when `may_reset` (a
+    single process); processes that share a store refuse, since one of them could delete shards
+    another has written. A single process also removes what killed runs left behind.
     """
     path = Path(path)
+    check_writable(path, "kdmtl.features", "paths.features", inputs)
+    if may_reset:
+        remove_leftovers(path)
     if not path.exists():
         return FeatureStore.create(path, manifest, config)
     try:
@@ -265,6 +421,10 @@ def open_or_create(
     except DataError as error:
         store, differences = None, [str(error)]
     if not differences:
+        if may_reset:
+            for unfinished in path.rglob("*.partial"):
+                if ZARR_PARTIAL.fullmatch(unfinished.name):
+                    unfinished.unlink()
         return store
     if not may_reset:
         raise DataError(

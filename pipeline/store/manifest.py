@@ -1,15 +1,34 @@
-"""The kdmtl manifest of a Zarr store: a validated record in the root group's attributes."""
+"""The kdmtl manifest of a Zarr store, and which paths kdmtl may write a store to.
 
+The manifest is a validated record in the root group's attributes, sealed with a sha256 of its
+content, so that a damaged or hand-edited manifest is refused rather than trusted. A store's
+`kind` says that kdmtl made it: kdmtl replaces or deletes only paths whose manifest says so.
+"""
+
+import hashlib
+import json
 from pathlib import Path
 from typing import TypeVar
 
 import zarr
 from pydantic import BaseModel, ValidationError
 
-from pipeline.errors import DataError
+from pipeline.errors import DataError, reading
 
 MANIFEST_KEY = "kdmtl"
+SEAL_KEY = "kdmtl_seal"
 M = TypeVar("M", bound=BaseModel)
+
+
+def _seal(record: dict) -> str:
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+
+def write_manifest(path: Path, manifest: BaseModel) -> None:
+    """Store the manifest, sealed, in the attributes of the group at `path`."""
+    record = manifest.model_dump(mode="json")
+    group = zarr.open_group(path, mode="r+")
+    group.attrs.update({MANIFEST_KEY: record, SEAL_KEY: _seal(record)})
 
 
 def read_manifest(path: Path, schema: type[M], what: str, remedy: str) -> M:
@@ -17,10 +36,74 @@ def read_manifest(path: Path, schema: type[M], what: str, remedy: str) -> M:
     path = Path(path)
     if not (path / "zarr.json").is_file():
         raise DataError(f"no {what} at {path}: {remedy}")
-    attrs = zarr.open_group(path, mode="r").attrs.asdict()
+    with reading(path / "zarr.json", remedy):
+        attrs = zarr.open_group(path, mode="r").attrs.asdict()
     if MANIFEST_KEY not in attrs:
         raise DataError(f"{path} has no kdmtl manifest (incomplete?): {remedy}")
+    if attrs.get(SEAL_KEY) != _seal(attrs[MANIFEST_KEY]):
+        raise DataError(
+            f"the manifest of {path} was edited or damaged (its seal does not match): {remedy}"
+        )
     try:
         return schema.model_validate(attrs[MANIFEST_KEY])
     except ValidationError as error:
-        raise DataError(f"{path} has an invalid manifest: {error.errors()[0]['msg']}") from None
+        raise DataError(
+            f"{path} has an invalid manifest ({error.errors()[0]['msg']}): {remedy}"
+        ) from None
+
+
+def group_problems(path: Path, remedy: str) -> list[str]:
+    """What is wrong with the metadata of the inner group at `path`: nothing reads through it,
+    but a store with a damaged group is damaged."""
+    try:
+        with reading(path / "zarr.json", remedy):
+            zarr.open_group(path, mode="r")
+    except DataError as error:
+        return [str(error)]
+    return []
+
+
+def store_kind(path: Path) -> str | None:
+    """The `kind` a kdmtl manifest gives the store at `path`, read from its raw metadata; None
+    when it is not a readable kdmtl store."""
+    try:
+        metadata = json.loads((Path(path) / "zarr.json").read_text())
+        return str(metadata["attributes"][MANIFEST_KEY]["kind"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _enclosing_store(path: Path) -> Path | None:
+    """The nearest folder above `path`, as given, that is a Zarr store (it holds a zarr.json)."""
+    for parent in Path(path).parents:
+        if (parent / "zarr.json").is_file():
+            return parent
+    return None
+
+
+def check_writable(path: Path, kind: str, key: str, inputs: dict[str, Path] | None = None) -> None:
+    """Refuse to write a store of `kind` at `path` (set by params key `key`) where that would
+    replace or delete something kdmtl did not make: an existing file or folder that is not a
+    kdmtl store of that kind, a place inside another store, or one of the command's `inputs`
+    (params key -> path), or a folder that holds one of them."""
+    path = Path(path)
+    fix = f"move it away or set {key} to another path"
+    target = path.absolute().resolve()
+    for input_key, input_path in (inputs or {}).items():
+        source = Path(input_path).absolute().resolve()
+        if target == source or target in source.parents:
+            raise DataError(
+                f"{path} would replace {input_path} ({input_key}), which this command reads: "
+                f"{fix}"
+            )
+    if path.exists() or path.is_symlink():
+        found = store_kind(path)
+        if found != kind:
+            what = f"a {found} store" if found else "not a kdmtl store"
+            raise DataError(
+                f"{path} exists and is {what}; kdmtl replaces only the {kind} stores it made: "
+                f"{fix}"
+            )
+    outer = _enclosing_store(path)
+    if outer is not None:
+        raise DataError(f"{path} lies inside the Zarr store {outer}: {fix}")

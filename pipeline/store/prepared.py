@@ -23,12 +23,21 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 
 from pipeline import __version__
 from pipeline.data.sources import ARRAY_LAYOUT, SPLITS, DataSource, array_shape
-from pipeline.errors import DataError
-from pipeline.files import replace_directory
+from pipeline.errors import DataError, reading
+from pipeline.files import parent_folders, remove_leftovers, replace_directory, work_path
 from pipeline.progress import progress_bar
-from pipeline.store.manifest import MANIFEST_KEY, read_manifest
+from pipeline.store.integrity import (
+    chunk_file,
+    file_problem,
+    metadata_problems,
+    record_file,
+    record_metadata,
+)
+from pipeline.store.manifest import check_writable, group_problems, read_manifest, write_manifest
 from schemas.params import DataParams
 from schemas.prepared import ArrayInfo, PreparedManifest, SplitInfo
+
+REMEDY = "run `kdmtl prepare` again"
 
 
 def default_codecs() -> list:
@@ -36,15 +45,32 @@ def default_codecs() -> list:
     return [BloscCodec(cname="zstd", clevel=5, shuffle="shuffle"), Crc32cCodec()]
 
 
-def _fingerprint(class_names: list[str], digests: dict[str, tuple]) -> str:
-    record = json.dumps({"class_names": class_names, "arrays": digests}, sort_keys=True)
-    return hashlib.sha256(record.encode()).hexdigest()
+def content_params(data: DataParams) -> dict:
+    """The data params that decide what a prepared store holds (augmentation happens later)."""
+    return data.model_dump(mode="json", exclude={"augment"})
+
+
+def _fingerprint(class_names: list[str], digests: dict[str, tuple], params: dict) -> str:
+    record = {"class_names": class_names, "arrays": digests, "params": params}
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+
+def _checked(name: str, values: np.ndarray, dtype: np.dtype, shape: tuple) -> np.ndarray:
+    """The source's values in the stored dtype, refused if they do not fit it."""
+    if values.shape != shape:
+        raise ValueError(f"{name}: source gave {values.shape}, not {shape}")
+    stored = np.ascontiguousarray(values, dtype=dtype)
+    if stored.dtype.kind == "f" and not np.isfinite(stored).all():
+        raise DataError(f"the {name} values are not all finite in {dtype} (too large?)")
+    return stored
 
 
 def _write_split(
-    group: zarr.Group, source: DataSource, split: str, chunk_size: int, bar: tqdm
+    folder: Path, source: DataSource, split: str, chunk_size: int, bar: tqdm
 ) -> tuple[SplitInfo, dict[str, tuple]]:
-    """Write one split chunk by chunk; returns its description and each array's content digest."""
+    """Write one split chunk by chunk into the group at `folder`; returns its description, with
+    a record of each chunk file, and each array's content digest."""
+    group = zarr.open_group(folder, mode="w", zarr_format=3)
     count = source.num_samples(split)
     height, width = source.config.height, source.config.width
     arrays, hashes = {}, {}
@@ -57,22 +83,29 @@ def _write_split(
             dtype=ARRAY_LAYOUT[name][1],
             compressors=default_codecs(),
             fill_value=0,
+            config={"write_empty_chunks": True},  # every chunk has a file to check
         )
         hashes[name] = hashlib.sha256()
     for start in range(0, count, chunk_size):
         stop = min(start + chunk_size, count)
         block = source.read(split, start, stop)
         for name, array in arrays.items():
-            values = np.ascontiguousarray(block[name], dtype=array.dtype)
-            if values.shape != (stop - start, *array.shape[1:]):
-                raise ValueError(f"{name}: source gave {values.shape}, not {array.shape}")
+            shape = (stop - start, *array.shape[1:])
+            values = _checked(f"{split} {name}", block[name], array.dtype, shape)
             array[start:stop] = values
             hashes[name].update(values.tobytes())
         bar.update(stop - start)
     info = SplitInfo(
         num_samples=count,
         arrays={
-            name: ArrayInfo(shape=list(a.shape), dtype=str(a.dtype), chunks=list(a.chunks))
+            name: ArrayInfo(
+                shape=list(a.shape),
+                dtype=str(a.dtype),
+                chunks=list(a.chunks),
+                chunk_files=[
+                    record_file(chunk_file(folder / name, a, c)) for c in range(a.cdata_shape[0])
+                ],
+            )
             for name, a in arrays.items()
         },
     )
@@ -89,39 +122,44 @@ def write_prepared(
     """Write both splits of `source` to a new store at `path`.
 
     The store is built beside `path` and moved into place only once complete, so an interrupted or
-    failed run leaves no store that a later step would trust.
+    failed run leaves no store that a later step would trust. `path` is refused if it holds
+    anything but a prepared store that kdmtl made.
     """
     path = Path(path)
-    partial = path.with_name(path.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.parent.mkdir(parents=True, exist_ok=True)
-    total = sum(source.num_samples(split) for split in SPLITS)
-    try:
-        root = zarr.open_group(partial, mode="w", zarr_format=3)
-        splits, digests = {}, {}
-        with progress_bar(enabled=progress, total=total, desc="prepare", unit="sample") as bar:
-            for split in SPLITS:
-                splits[split], split_digests = _write_split(
-                    root.create_group(split), source, split, chunk_size, bar
-                )
-                digests.update(split_digests)
-        class_names = list(source.class_names)
-        manifest = PreparedManifest(
-            source=source.name,
-            tasks=list(source.tasks),
-            class_names=class_names,
-            height=source.config.height,
-            width=source.config.width,
-            chunk_size=chunk_size,
-            splits=splits,
-            fingerprint=_fingerprint(class_names, digests),
-            kdmtl_version=__version__,
-        )
-        root.attrs[MANIFEST_KEY] = manifest.model_dump(mode="json")
-        replace_directory(partial, path)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+    check_writable(path, "kdmtl.prepared", "paths.prepared")
+    remove_leftovers(path)
+    partial = work_path(path, "partial")
+    with parent_folders(path):
+        total = sum(source.num_samples(split) for split in SPLITS)
+        try:
+            zarr.open_group(partial, mode="w", zarr_format=3)
+            splits, digests = {}, {}
+            with progress_bar(enabled=progress, total=total, desc="prepare", unit="sample") as bar:
+                for split in SPLITS:
+                    splits[split], split_digests = _write_split(
+                        partial / split, source, split, chunk_size, bar
+                    )
+                    digests.update(split_digests)
+            class_names = list(source.class_names)
+            params = content_params(source.config.model_copy(update={"chunk_size": chunk_size}))
+            manifest = PreparedManifest(
+                source=source.name,
+                tasks=list(source.tasks),
+                class_names=class_names,
+                height=source.config.height,
+                width=source.config.width,
+                chunk_size=chunk_size,
+                splits=splits,
+                data_params=params,
+                metadata_files=record_metadata(partial),
+                fingerprint=_fingerprint(class_names, digests, params),
+                kdmtl_version=__version__,
+            )
+            write_manifest(partial, manifest)
+            replace_directory(partial, path)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
     return manifest
 
 
@@ -133,27 +171,53 @@ class PreparedStore:
     manifest: PreparedManifest
 
     def array(self, split: str, name: str) -> zarr.Array:
-        return zarr.open_array(self.path / split / name, mode="r")
+        with reading(self.path / split / name / "zarr.json", REMEDY):
+            return zarr.open_array(self.path / split / name, mode="r")
 
     def dask(self, split: str, name: str) -> da.Array:
         """A lazy array, chunked as stored."""
         return da.from_zarr(self.array(split, name))
 
+    def problems(self, full: bool = False) -> list[str]:
+        """What disagrees with the manifest: each array's own metadata, and each chunk file's
+        presence and size (with `full`, its sha256 as well)."""
+        found = metadata_problems(self.path, self.manifest.metadata_files, full)
+        for split, split_info in self.manifest.splits.items():
+            found += group_problems(self.path / split, REMEDY)
+            for name, info in split_info.arrays.items():
+                try:
+                    array = self.array(split, name)
+                except DataError as error:
+                    found.append(str(error))
+                    continue
+                held = (list(array.shape), str(array.dtype), list(array.chunks))
+                if held != (info.shape, info.dtype, info.chunks):
+                    found.append(
+                        f"{self.path / split / name} is {held[1]} {held[0]} in chunks of "
+                        f"{held[2]}, the manifest says {info.dtype} {info.shape} in {info.chunks}"
+                    )
+                    continue
+                folder = self.path / split / name
+                for index, record in enumerate(info.chunk_files):
+                    problem = file_problem(chunk_file(folder, array, index), record, full)
+                    if problem:
+                        found.append(problem)
+        return found
+
+    def check_intact(self) -> None:
+        """Refuse a store whose chunk files are not those written (cheap: sizes only)."""
+        found = self.problems()
+        if found:
+            more = f" (and {len(found) - 1} more problems)" if len(found) > 1 else ""
+            raise DataError(f"the prepared data is damaged: {found[0]}{more}; {REMEDY}")
+
     def check_matches(self, data: DataParams) -> None:
         """Refuse a store prepared with other data params than the current ones."""
-        m = self.manifest
-        wanted = {"source": data.source, "height": data.height, "width": data.width}
-        wanted["chunk_size"] = data.chunk_size
-        held = {"source": m.source, "height": m.height, "width": m.width}
-        held["chunk_size"] = m.chunk_size
-        for split, count in (("train", data.num_train), ("test", data.num_test)):
-            if data.source == "scenes" or count is not None:
-                wanted[f"num_{split}"] = count
-                held[f"num_{split}"] = m.splits[split].num_samples
+        held, wanted = self.manifest.data_params, content_params(data)
         differ = [
-            f"{key} {held[key]} (params: {wanted[key]})"
-            for key in wanted
-            if held[key] != wanted[key]
+            f"{key} {held.get(key)!r} (params: {value!r})"
+            for key, value in wanted.items()
+            if held.get(key) != value
         ]
         if differ:
             raise DataError(
@@ -163,11 +227,13 @@ class PreparedStore:
 
 
 def open_prepared(path: Path) -> PreparedStore:
-    """Open a complete prepared store, or explain why it cannot be used."""
+    """Open a complete and intact prepared store, or explain why it cannot be used."""
     remedy = "run `kdmtl prepare` first"
-    return PreparedStore(
+    store = PreparedStore(
         Path(path), read_manifest(path, PreparedManifest, "prepared dataset", remedy)
     )
+    store.check_intact()
+    return store
 
 
 class PreparedSplit(Dataset):
@@ -209,7 +275,8 @@ class PreparedSplit(Dataset):
         stop = min(start + self.chunk_size, len(self))
         block = {"index": np.arange(start, stop)}
         for name, array in self._arrays.items():
-            values = array[start:stop]
+            with reading(self.store.path / self.split / name, f"the store is damaged: {REMEDY}"):
+                values = array[start:stop]
             if name == "image":
                 values = values.astype(np.float32) / np.float32(255)
             elif name == "semseg":

@@ -1,0 +1,151 @@
+"""Paths that point at someone's files: kdmtl replaces or deletes only what it made itself.
+
+Each refusal is one message naming the path and the params key to change, exit status 2, and the
+person's files are left byte for byte as they were.
+"""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import OUTPUT_PARAMS, kdmtl, tmpfs, write_params
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def someones_folder(path: Path) -> dict[str, bytes]:
+    (path / "notes").mkdir(parents=True)
+    (path / "thesis.tex").write_text("\\documentclass{article}\n")
+    (path / "notes" / "todo.txt").write_text("back up the thesis\n")
+    return snapshot(path)
+
+
+def set_paths(project: Path, **paths: str) -> None:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["paths"] = params.get("paths", {}) | paths
+    write_params(project, params)
+
+
+def refused(command: tuple[str, ...], *fragments: str) -> str:
+    result = kdmtl(*command)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in result.output, result.output
+    return result.output
+
+
+def test_path_prepared_naming_someones_folder_is_refused(project: Path):
+    mine = someones_folder(project / "mydata")
+    set_paths(project, prepared="mydata")
+    refused(("prepare",), "mydata exists and is not a kdmtl store", "paths.prepared")
+    assert snapshot(project / "mydata") == mine
+
+
+def test_path_prepared_naming_someones_file_is_refused(project: Path):
+    (project / "results.csv").write_text("a,b\n1,2\n")
+    set_paths(project, prepared="results.csv")
+    refused(("prepare",), "results.csv exists and is not a kdmtl store")
+    assert (project / "results.csv").read_text() == "a,b\n1,2\n"
+    assert not list(project.glob("results.csv.*"))
+
+
+def test_path_prepared_naming_a_feature_store_is_refused(outputs: Path):
+    store = snapshot(outputs / "features/depth.zarr")
+    set_paths(outputs, prepared="features/depth.zarr")
+    refused(("prepare",), "features/depth.zarr exists and is a kdmtl.features store")
+    assert snapshot(outputs / "features/depth.zarr") == store
+
+
+def test_path_features_naming_someones_folder_is_refused(outputs: Path):
+    mine = someones_folder(outputs / "mine" / "depth.zarr")
+    set_paths(outputs, features="mine")
+    refused(
+        ("extract-features", "--teacher", "depth"),
+        "mine/depth.zarr exists and is not a kdmtl store",
+        "paths.features",
+    )
+    assert snapshot(outputs / "mine" / "depth.zarr") == mine
+
+
+def test_path_features_equal_to_the_prepared_data_is_refused(project: Path):
+    """Extraction would delete the data it reads."""
+    set_paths(project, prepared="features/depth.zarr")
+    assert kdmtl("prepare").exit_code == 0
+    assert kdmtl("train-teacher", "--teacher", "depth").exit_code == 0
+    prepared = snapshot(project / "features/depth.zarr")
+    refused(
+        ("extract-features", "--teacher", "depth"),
+        "would replace features/depth.zarr (paths.prepared), which this command reads",
+    )
+    assert snapshot(project / "features/depth.zarr") == prepared
+
+
+def test_path_features_inside_the_prepared_data_is_refused(outputs: Path):
+    prepared = snapshot(outputs / "data/prepared.zarr")
+    set_paths(outputs, features="data/prepared.zarr")
+    refused(
+        ("extract-features", "--teacher", "depth"),
+        "lies inside the Zarr store data/prepared.zarr",
+    )
+    assert snapshot(outputs / "data/prepared.zarr") == prepared
+
+
+@pytest.mark.parametrize(
+    ("key", "command"),
+    [("student", ("train-student",)), ("teachers", ("train-teacher", "--teacher", "depth"))],
+)
+def test_path_checkpoint_naming_someones_file_is_refused_before_training(
+    outputs: Path, key: str, command: tuple[str, ...]
+):
+    (outputs / "README.md").write_text("# my project\n")
+    if key == "student":
+        set_paths(outputs, student="README.md")
+    else:
+        (outputs / "mine").mkdir()
+        (outputs / "mine" / "depth.pt").write_text("not a checkpoint\n")
+        set_paths(outputs, teachers="mine")
+    output = refused(command, "is not a checkpoint kdmtl made")
+    assert "epoch" not in output  # refused before training, not after
+    assert (outputs / "README.md").read_text() == "# my project\n"
+
+
+def test_path_plots_folder_keeps_someones_files(outputs: Path):
+    curves = outputs / "plots/student"
+    (curves / "notes.txt").write_text("keep me\n")
+    (curves / "settings.json").write_text('{"theme": "dark"}\n')
+    assert kdmtl("train-student").exit_code == 0
+    assert (curves / "notes.txt").read_text() == "keep me\n"
+    assert (curves / "settings.json").read_text() == '{"theme": "dark"}\n'
+    assert (curves / "loss_depth.json").is_file()
+
+
+def test_a_refused_prepare_leaves_no_empty_folder(project: Path):
+    params = dict(OUTPUT_PARAMS)
+    params["data"] = params["data"] | {"source": "nyuv2", "root": str(project / "raw")}
+    write_params(project, params)
+    (project / "raw").mkdir()
+    refused(("prepare",), "missing folder")
+    assert not (project / "data").exists()
+
+
+def test_a_full_disk_while_preparing_leaves_nothing_half_written(project: Path):
+    with tmpfs(project / "disk", "64k") as disk:
+        set_paths(project, prepared="disk/prepared.zarr")
+        result = kdmtl("prepare")
+        assert result.exit_code == 1, result.output
+        assert "no space left on the device" in result.output
+        assert "Traceback" not in result.output
+        assert list(disk.iterdir()) == []
+
+
+def test_a_full_disk_while_extracting_stops_cleanly_and_resumes_elsewhere(outputs: Path):
+    with tmpfs(outputs / "disk", "64k") as disk:
+        set_paths(outputs, features="disk")
+        result = kdmtl("extract-features", "--teacher", "depth")
+        assert result.exit_code == 1, result.output
+        assert "no space left on the device" in result.output
+        assert "Traceback" not in result.output
+        assert not [p for p in disk.rglob("*") if p.name.endswith(".partial")]

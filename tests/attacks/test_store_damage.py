@@ -1,0 +1,146 @@
+"""Damage to every kind of file of both stores: deleted, emptied, truncated or one byte flipped.
+
+The command that reads the store must stop with one message naming the store (never read a missing
+chunk as zeros, never a traceback), and `kdmtl verify` must name the damage. The one damage a
+reader may let pass is a flipped byte in an inner group's metadata, which holds no data (zarr
+ignores an unknown key there); `verify` still names it.
+"""
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import kdmtl
+
+
+def delete(path: Path) -> None:
+    path.unlink()
+
+
+def empty(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def flip(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+DAMAGES = {"delete": delete, "empty": empty, "truncate": truncate, "flip": flip}
+
+PREPARED = "data/prepared.zarr"
+PREPARED_FILES = {
+    "manifest": "zarr.json",
+    "split group": "train/zarr.json",
+    "array metadata": "train/depth/zarr.json",
+    "train chunk": "train/depth/c/1/0/0/0",
+    "test chunk": "test/depth/c/0/0/0/0",
+}
+FEATURES = "features/depth.zarr"
+FEATURE_FILES = {
+    "manifest": "zarr.json",
+    "split group": "train/zarr.json",
+    "array metadata": "train/decoder/zarr.json",
+    "bottleneck shard": "train/bottleneck/c/0/0/0/0/0",
+    "decoder shard": "train/decoder/c/0/0/0/0/0",
+    "sample ids shard": "train/sample_id/c/0",
+    "views shard": "train/views/c/0/0/0",
+    "shard record": "train/written/c/0/0/0",
+    "shard record metadata": "train/written/zarr.json",
+}
+CASES = [
+    pytest.param(store, file, damage, id=f"{store.split('/')[0]}-{kind}-{name}")
+    for store, files, reader in ((PREPARED, PREPARED_FILES, 0), (FEATURES, FEATURE_FILES, 1))
+    for kind, file in files.items()
+    for name, damage in DAMAGES.items()
+]
+READERS = {PREPARED: ("train-teacher", "--teacher", "depth"), FEATURES: ("train-student",)}
+
+
+def harmless(file: str, damage: Callable) -> bool:
+    """A flipped byte in an inner group's metadata: no data is read through it."""
+    return file.endswith("train/zarr.json") and damage is flip
+
+
+def one_error_line(output: str) -> str:
+    lines = [line for line in output.splitlines() if line.startswith("Error: ")]
+    assert len(lines) == 1, output
+    assert "Traceback" not in output
+    return lines[0]
+
+
+@pytest.mark.parametrize(("store", "file", "damage"), CASES)
+def test_corrupt_store_file_is_caught_by_its_reader_and_by_verify(
+    outputs: Path, store: str, file: str, damage: Callable
+):
+    damage(outputs / store / file)
+
+    read = kdmtl(*READERS[store])
+    if harmless(file, damage):
+        assert read.exit_code == 0, read.output
+    else:
+        assert read.exit_code == 2, read.output
+        assert store in one_error_line(read.output)
+
+    verified = kdmtl("verify", store)
+    assert verified.exit_code in (1, 2), verified.output
+    assert "verified" not in verified.output
+    if verified.exit_code == 1:
+        assert "PROBLEM: " in verified.output
+        assert store in verified.output
+    else:
+        assert store in one_error_line(verified.output)
+
+
+@pytest.mark.guard
+def test_verify_passes_on_intact_stores(outputs: Path):
+    for store in (PREPARED, FEATURES):
+        result = kdmtl("verify", store)
+        assert result.exit_code == 0, result.output
+        assert result.output.rstrip().endswith("verified")
+    assert "chunk files as written" in kdmtl("verify", PREPARED).output
+
+
+def test_an_edited_manifest_is_refused_even_when_it_stays_valid(outputs: Path):
+    manifest = outputs / FEATURES / "zarr.json"
+    text = manifest.read_text()
+    assert '"num_samples": 12' in text
+    manifest.write_text(text.replace('"num_samples": 12', '"num_samples": 8'))
+    result = kdmtl("verify", FEATURES)
+    assert result.exit_code == 2
+    assert "the manifest of features/depth.zarr was edited or damaged" in one_error_line(
+        result.output
+    )
+
+
+def test_a_resealed_manifest_that_disagrees_with_the_arrays_is_refused(outputs: Path):
+    """An edit made with kdmtl's own writer: the arrays' metadata still tell the truth."""
+    from pipeline.store.features import FeatureStore
+    from pipeline.store.manifest import write_manifest
+
+    store = FeatureStore.open(outputs / FEATURES)
+    info = store.manifest.features["decoder"]
+    wider = info.model_copy(update={"shape": [*info.shape[:2], info.shape[2] + 1, *info.shape[3:]]})
+    features = store.manifest.features | {"decoder": wider}
+    write_manifest(store.path, store.manifest.model_copy(update={"features": features}))
+    result = kdmtl("verify", FEATURES)
+    assert result.exit_code == 1
+    assert "PROBLEM: features/depth.zarr/train/decoder is float16" in result.output
+    assert "the manifest says float16" in result.output
+    refused = kdmtl("train-student")
+    assert refused.exit_code == 2
+    assert "feature store features/depth.zarr is damaged" in one_error_line(refused.output)
+
+
+def test_extraction_rewrites_a_damaged_shard_of_a_complete_store(outputs: Path):
+    delete(outputs / FEATURES / FEATURE_FILES["decoder shard"])
+    result = kdmtl("extract-features", "--teacher", "depth")
+    assert result.exit_code == 0, result.output
+    assert "wrote 1 shards" in result.output
+    assert kdmtl("verify", FEATURES).exit_code == 0
