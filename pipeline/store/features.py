@@ -43,6 +43,7 @@ from pipeline.store.integrity import (
     metadata_problems,
     record_file,
     record_metadata,
+    refuse_damage,
     to_words,
 )
 from pipeline.store.manifest import check_writable, group_problems, read_manifest, write_manifest
@@ -316,10 +317,7 @@ class FeatureStore:
 
     def check_intact(self) -> None:
         """Refuse a store whose shard files are not those written (cheap: sizes only)."""
-        found = self.problems()
-        if found:
-            more = f" (and {len(found) - 1} more problems)" if len(found) > 1 else ""
-            raise DataError(f"feature store {self.path} is damaged: {found[0]}{more}; {REMEDY}")
+        refuse_damage(f"feature store {self.path}", self.problems(), REMEDY)
 
     def stale_against(self, checkpoint_sha256: str, prepared_fingerprint: str) -> list[str]:
         """What makes the store out of date for this teacher checkpoint and prepared data."""

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from pipeline.errors import DataError
 from schemas.base import FileRecord
 
 # A record as stored in a uint64 array: the size, then the sha256 as four big-endian words.
@@ -78,3 +79,10 @@ def file_problem(path: Path, record: FileRecord, full: bool) -> str | None:
     if full and record_file(path).sha256 != record.sha256:
         return f"{path} differs from what was written (sha256)"
     return None
+
+
+def refuse_damage(what: str, found: list[str], remedy: str) -> None:
+    """One DataError for the problems `found` in `what`, if any: the first, and how many more."""
+    if found:
+        more = f" (and {len(found) - 1} more problems)" if len(found) > 1 else ""
+        raise DataError(f"{what} is damaged: {found[0]}{more}; {remedy}")

@@ -93,16 +93,14 @@ def check_writable(path: Path, kind: str, key: str, inputs: dict[str, Path] | No
         source = Path(input_path).absolute().resolve()
         if target == source or target in source.parents:
             raise DataError(
-                f"{path} would replace {input_path} ({input_key}), which this command reads: "
-                f"{fix}"
+                f"{path} would replace {input_path} ({input_key}), which this command reads: {fix}"
             )
     if path.exists() or path.is_symlink():
         found = store_kind(path)
         if found != kind:
             what = f"a {found} store" if found else "not a kdmtl store"
             raise DataError(
-                f"{path} exists and is {what}; kdmtl replaces only the {kind} stores it made: "
-                f"{fix}"
+                f"{path} exists and is {what}; kdmtl replaces only the {kind} stores it made: {fix}"
             )
     outer = _enclosing_store(path)
     if outer is not None:

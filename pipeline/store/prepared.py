@@ -32,6 +32,7 @@ from pipeline.store.integrity import (
     metadata_problems,
     record_file,
     record_metadata,
+    refuse_damage,
 )
 from pipeline.store.manifest import check_writable, group_problems, read_manifest, write_manifest
 from schemas.params import DataParams
@@ -206,10 +207,7 @@ class PreparedStore:
 
     def check_intact(self) -> None:
         """Refuse a store whose chunk files are not those written (cheap: sizes only)."""
-        found = self.problems()
-        if found:
-            more = f" (and {len(found) - 1} more problems)" if len(found) > 1 else ""
-            raise DataError(f"the prepared data is damaged: {found[0]}{more}; {REMEDY}")
+        refuse_damage("the prepared data", self.problems(), REMEDY)
 
     def check_matches(self, data: DataParams) -> None:
         """Refuse a store prepared with other data params than the current ones."""

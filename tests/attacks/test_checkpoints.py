@@ -5,7 +5,6 @@ refuse it (exit 2) without a traceback and without torch's advice to load with `
 """
 
 import errno
-import os
 import pickle
 import shutil
 from collections.abc import Callable
@@ -27,24 +26,9 @@ TEACHER = Path("models/teachers/depth.pt")
 REMEDY = "run `kdmtl train-teacher --teacher depth` again"
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """Prepared data and a depth teacher, made once for the module."""
-    folder = tmp_path_factory.mktemp("trained")
-    write_params(folder, TINY_PARAMS)
-    cwd = os.getcwd()
-    os.chdir(folder)
-    try:
-        assert kdmtl("prepare").exit_code == 0
-        assert kdmtl("train-teacher", "--teacher", "depth").exit_code == 0
-    finally:
-        os.chdir(cwd)
-    return folder
-
-
 @pytest.fixture
-def project(trained_copy: Path) -> Path:
-    return trained_copy
+def project(outputs: Path) -> Path:
+    return outputs
 
 
 @pytest.fixture
@@ -229,9 +213,9 @@ def tiny_tmpfs(folder: Path) -> AbstractContextManager[Path]:
 
 
 def test_bad_checkpoint_save_on_a_full_disk_is_enospc_and_leaves_nothing(
-    trained: Path, tmp_path: Path
+    pipeline_outputs: Path, tmp_path: Path
 ):
-    teacher, metadata = load_teacher(trained / TEACHER)
+    teacher, metadata = load_teacher(pipeline_outputs / TEACHER)
     with tiny_tmpfs(tmp_path / "disk") as disk:
         with pytest.raises(OSError) as raised:
             save_checkpoint(disk / "depth.pt", teacher, metadata)
@@ -253,9 +237,9 @@ def test_bad_checkpoint_save_on_a_full_disk_says_so_on_the_command_line(
 
 @pytest.mark.parametrize("kind", ["text file", "folder"])
 def test_bad_checkpoint_save_does_not_replace_what_kdmtl_did_not_make(
-    trained: Path, tmp_path: Path, kind: str
+    pipeline_outputs: Path, tmp_path: Path, kind: str
 ):
-    teacher, metadata = load_teacher(trained / TEACHER)
+    teacher, metadata = load_teacher(pipeline_outputs / TEACHER)
     path = tmp_path / "depth.pt"
     notes = path / "notes.txt" if kind == "folder" else path
     notes.parent.mkdir(exist_ok=True)
@@ -268,9 +252,11 @@ def test_bad_checkpoint_save_does_not_replace_what_kdmtl_did_not_make(
 
 
 @pytest.mark.guard
-def test_bad_checkpoint_save_replaces_a_previous_kdmtl_checkpoint(trained: Path, tmp_path: Path):
+def test_bad_checkpoint_save_replaces_a_previous_kdmtl_checkpoint(
+    pipeline_outputs: Path, tmp_path: Path
+):
     path = tmp_path / "depth.pt"
-    shutil.copy(trained / TEACHER, path)
+    shutil.copy(pipeline_outputs / TEACHER, path)
     teacher, metadata = load_teacher(path)
     with torch.no_grad():
         next(teacher.parameters()).add_(1.0)
