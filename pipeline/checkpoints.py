@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from pipeline.errors import DataError, KdmtlError, reading
 from pipeline.files import write_atomically
 from pipeline.models import ARCHITECTURES, Architecture, build_model
+from pipeline.store.manifest import enclosing_store
 from schemas.checkpoint import CheckpointMetadata, ModelSpec, StudentMetadata, TeacherMetadata
 
 M = TypeVar("M", bound=CheckpointMetadata)
@@ -44,7 +45,7 @@ def save_checkpoint(path: Path, model: torch.nn.Module, metadata: CheckpointMeta
     torch.save writes into memory: its own file writer turns a full disk into a RuntimeError,
     a plain write keeps it an OSError (ENOSPC) that the command line reports as such."""
     path = Path(path)
-    ensure_replaceable(path)
+    ensure_replaceable(path, metadata.kind)
     state = {
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "metadata": metadata.model_dump(mode="json"),
@@ -54,18 +55,24 @@ def save_checkpoint(path: Path, model: torch.nn.Module, metadata: CheckpointMeta
     write_atomically(path, lambda partial: partial.write_bytes(buffer.getbuffer()))
 
 
-def ensure_replaceable(path: Path) -> None:
-    """Refuse when `path` holds anything but a checkpoint kdmtl wrote, of any kind."""
+def ensure_replaceable(path: Path, kind: str) -> None:
+    """Refuse when `path` lies inside a Zarr store, or holds anything but a checkpoint of `kind`
+    (`kdmtl.teacher`, `kdmtl.student`) that kdmtl wrote."""
     path = Path(path)
+    outer = enclosing_store(path)
+    if outer is not None:
+        raise KdmtlError(f"{path} lies inside the Zarr store {outer}: choose another path")
     if not (path.exists() or path.is_symlink()):
         return
     try:
-        read_state(path, remedy="")
+        _, metadata = read_state(path, remedy="")
     except KdmtlError:
+        metadata = {}
+    if metadata.get("kind") != kind:
         raise KdmtlError(
-            f"{path} exists and is not a checkpoint kdmtl made, and kdmtl replaces only its own "
-            "files: move it away and run the command again"
-        ) from None
+            f"{path} exists and is not a {kind} checkpoint kdmtl made, and kdmtl replaces only "
+            "its own files: move it away and run the command again"
+        )
 
 
 def read_state(path: Path, remedy: str) -> tuple[dict, dict]:

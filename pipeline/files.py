@@ -46,9 +46,9 @@ def work_path(target: Path, tag: str) -> Path:
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # no such process; no PID is that large
         return False
-    except PermissionError:
+    except PermissionError:  # someone else's live process
         return True
     return True
 
@@ -65,7 +65,7 @@ def remove_leftovers(target: Path) -> list[Path]:
         if match and path.is_dir() and not path.is_symlink():
             pid = int(match.group(2))
             if pid == os.getpid() or not _alive(pid):
-                shutil.rmtree(path)
+                shutil.rmtree(path, ignore_errors=True)  # another run may be removing it too
                 removed.append(path)
     return removed
 

@@ -48,5 +48,5 @@ class FeatureManifest(Contract):
     features: dict[str, FeatureArrayInfo]
     kdmtl_version: str
     # every zarr.json below the root, by relative path; recorded when the store is created
-    metadata_files: dict[str, FileRecord] = Field(default_factory=dict)
+    metadata_files: dict[str, FileRecord]
     complete: bool = False

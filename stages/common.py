@@ -175,16 +175,23 @@ def _is_curve(path: Path) -> bool:
         rows = json.loads(path.read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(rows, list) and all(isinstance(r, dict) and "epoch" in r for r in rows)
+    return (
+        isinstance(rows, list)
+        and bool(rows)
+        and all(isinstance(row, dict) and "epoch" in row for row in rows)
+    )
 
 
-def forget_reports(metrics: Path | None, curves: Path) -> None:
-    """Remove the metrics file and the curves of a checkpoint about to be replaced, so that a
-    run killed between the new checkpoint and its reports leaves no reports of the old one.
-    Only kdmtl's own files go: a metrics file that is JSON, curve files in the folder."""
-    if metrics is not None and metrics.is_file():
+def forget_reports(
+    curves: Path, metrics: Path | None = None, schema: type[BaseModel] | None = None
+) -> None:
+    """Remove the curves and the metrics file of a checkpoint that is about to be replaced, so
+    that a run killed before its new reports leaves none of the old checkpoint's. Only kdmtl's
+    own files go: curve files in the folder, and a metrics file that `schema` validates; any
+    other file at the metrics path is refused."""
+    if metrics is not None and (metrics.exists() or metrics.is_symlink()):
         try:
-            json.loads(metrics.read_text())
+            schema.model_validate_json(metrics.read_bytes())
         except (OSError, ValueError):
             raise KdmtlError(
                 f"{metrics} exists and is not a kdmtl metrics file: move it away or set "
@@ -199,8 +206,7 @@ def forget_reports(metrics: Path | None, curves: Path) -> None:
 
 def write_curves(folder: Path, rows: list[dict[str, float]]) -> None:
     """One JSON file per logged value, `[{"epoch": e, NAME: v}, ...]`: DVC plots a folder of
-    them as one chart per file. Curves of values no longer logged go; other files stay."""
-    forget_reports(None, folder)
+    them as one chart per file."""
     for name in rows[0]:
         if name != "epoch":
             write_json(

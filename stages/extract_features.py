@@ -70,7 +70,7 @@ def command(task: str, shard_of: str | None, params: Params) -> None:
         params.data.augment,
     )
     path = Path(params.paths.features) / f"{task}.zarr"
-    inputs = {"paths.prepared": prepared.path}
+    inputs = {"paths.prepared": prepared.path, "paths.teachers": checkpoint}
     store = open_or_create(path, manifest, params.features, parts == 1, inputs)
     shards = assign_shards(manifest.num_shards, part, parts)
     stats = extract(teacher, prepared, store, shards, params.features.batch_size, device)

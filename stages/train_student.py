@@ -28,7 +28,9 @@ from stages.common import (
 def command(params: Params) -> None:
     """Train the multi-task student: from the cached teacher features (method kd), or plain."""
     path = Path(params.paths.student)
-    ensure_replaceable(path)  # before training, not after
+    curves = Path(params.paths.plots) / "student"
+    # Before training, not after: refuse what kdmtl must not replace.
+    ensure_replaceable(path, StudentMetadata.model_fields["kind"].default)
     prepared = open_prepared(Path(params.paths.prepared))
     prepared.check_matches(params.data)
     config = params.student
@@ -45,8 +47,9 @@ def command(params: Params) -> None:
     elif config.method == "kd":
         teachers = {}
         for task in params.tasks:
-            teachers[task], _, path = load_current_teacher(params, task, prepared)
-            distilled_from[task] = sha256_file(path)
+            teachers[task], _, checkpoint = load_current_teacher(params, task, prepared)
+            distilled_from[task] = sha256_file(checkpoint)
+    forget_reports(curves)  # they describe the checkpoint that this run replaces
     model = params.student_model
     result = train_student(
         prepared,
@@ -70,8 +73,6 @@ def command(params: Params) -> None:
         test_metrics=result.test_metrics,
         kdmtl_version=__version__,
     )
-    curves = Path(params.paths.plots) / "student"
-    forget_reports(None, curves)
     save_checkpoint(path, result.model, metadata)
     write_curves(curves, result.history)
     shown = "; ".join(

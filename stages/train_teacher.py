@@ -29,9 +29,13 @@ def command(task: str, params: Params) -> None:
     """Train one single-task teacher on the prepared data."""
     choose_task(task, params)
     checkpoint = Path(params.paths.teachers) / f"{task}.pt"
-    ensure_replaceable(checkpoint)  # before training, not after
+    metrics = Path(params.paths.metrics) / "teachers" / f"{task}.json"
+    curves = Path(params.paths.plots) / "teachers" / task
+    # Before training, not after: refuse what kdmtl must not replace.
+    ensure_replaceable(checkpoint, TeacherMetadata.model_fields["kind"].default)
     store = open_prepared(Path(params.paths.prepared))
     store.check_matches(params.data)
+    forget_reports(curves, metrics, TeacherReport)  # of the checkpoint this run replaces
     train = params.teacher.for_task(task)
     result = train_teacher(
         store, task, params.model, train, params.loader, params.seed, resolve_device(params.device)
@@ -48,9 +52,6 @@ def command(task: str, params: Params) -> None:
         test_metrics=result.test_metrics,
         kdmtl_version=__version__,
     )
-    metrics = Path(params.paths.metrics) / "teachers" / f"{task}.json"
-    curves = Path(params.paths.plots) / "teachers" / task
-    forget_reports(metrics, curves)
     save_checkpoint(checkpoint, result.model, metadata)
     report = TeacherReport(
         test=result.test_metrics, baseline=result.baseline_metrics, epochs=train.epochs

@@ -5,6 +5,7 @@ from pathlib import Path
 import click
 
 from pipeline.checkpoints import load_teacher
+from pipeline.errors import KdmtlError
 from pipeline.files import sha256_file
 from pipeline.store.checks import Verification, read_every_chunk, recompute
 from pipeline.store.features import FeatureStore
@@ -66,13 +67,20 @@ def command(store: Path, checks: int, params: Params) -> None:
     recompute a few features with the teacher. Given the prepared data, check every chunk file
     against what was written. Exits 1 on any problem."""
     report = Verification()
-    if store_kind(store) == "kdmtl.prepared":
+    kind = store_kind(store)
+    if kind == "kdmtl.prepared":
         verify_prepared(store, report)
         click.echo(f"{store}: prepared data")
-    else:
+    elif kind == "kdmtl.features":
         verify_features(store, checks, params, report)
         manifest = FeatureStore.open(store).manifest
         click.echo(f"{store}: teacher {manifest.task}, {manifest.num_samples} samples")
+    else:
+        raise KdmtlError(
+            f"{store} is not a kdmtl store, or its zarr.json is missing or damaged: give a "
+            "feature store or the prepared data; a damaged store must be deleted and made again "
+            "(`kdmtl prepare`, `kdmtl extract-features`)"
+        )
     for line in report.checked:
         click.echo(f"  ok: {line}")
     for line in report.problems:

@@ -251,7 +251,7 @@ def test_a_missing_store_says_to_extract(project: Path):
     shutil.rmtree(project / "features" / "semseg.zarr")
     result = kdmtl("train-student")
     assert result.exit_code == 2
-    assert "no feature store at features/semseg.zarr: run `kdmtl extract-features` first" in (
+    assert "no feature store at features/semseg.zarr: run `kdmtl extract-features --teacher " in (
         result.output
     )
 

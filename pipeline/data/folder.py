@@ -105,8 +105,8 @@ class FolderSource(DataSource):
         if name != "semseg":
             # Finite float64 values beyond 3.4e38 become infinite in float32: refused just below.
             with np.errstate(over="ignore"):
-                converted = array.astype(np.float32)
-            if not np.isfinite(converted).all():
+                converted = array.astype(np.float32, copy=False)
+            if converted is not array and not np.isfinite(converted).all():
                 raise DataError(
                     f"{path} holds values too large for float32 (largest magnitude "
                     f"{np.abs(array).max():.3g}, float32 stops at {np.finfo(np.float32).max:.3g})"

@@ -144,6 +144,8 @@ def extract(
     Shards already written, with their files as recorded, are skipped, so a killed run continues
     where it stopped."""
     todo = sorted(set(shards) - store.intact_shards())
+    for shard in set(todo) & store.done_shards():
+        store.forget(shard)  # not done until written again, whatever happens meanwhile
     total = sum(stop - start for start, stop in map(store.shard_range, todo))
     teacher = teacher.to(device).eval()
     started = time.perf_counter()

@@ -20,9 +20,11 @@ afterwards, and skipped when a killed run is started again. Readers check every 
 file's size when they open a store; `kdmtl verify` checks their digests.
 """
 
+import functools
 import re
 import shutil
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +42,7 @@ from pipeline.store.integrity import (
     chunk_file,
     file_problem,
     from_words,
+    layout_problem,
     metadata_problems,
     record_file,
     record_metadata,
@@ -53,7 +56,6 @@ from schemas.features import FeatureArrayInfo, FeatureManifest, ViewSpec
 from schemas.params import FeatureParams
 
 SPLIT = "train"
-REMEDY = "extract the features again (`kdmtl extract-features --teacher TASK`, or `dvc repro`)"
 # BitRound is a numcodecs codec, outside the Zarr v3 specification: zarr warns each time it reads
 # the metadata. kdmtl writes and reads its own stores, so the warning says nothing to its users.
 warnings.filterwarnings("ignore", "Numcodecs codecs are not in the Zarr version 3 specification")
@@ -132,6 +134,7 @@ def plan_manifest(
         views=view_spec(config, augment),
         features=features,
         kdmtl_version=__version__,
+        metadata_files={},  # recorded once the store is created
     )
 
 
@@ -151,7 +154,8 @@ class FeatureStore:
 
     @classmethod
     def open(cls, path: Path) -> "FeatureStore":
-        remedy = "run `kdmtl extract-features` first"
+        # kdmtl names each store after its teacher's task: features/TASK.zarr
+        remedy = f"run `kdmtl extract-features --teacher {Path(path).stem}`"
         return cls(Path(path), read_manifest(path, FeatureManifest, "feature store", remedy))
 
     @classmethod
@@ -214,8 +218,13 @@ class FeatureStore:
         """The arrays with one file per shard, in the order of their records in `written`."""
         return [*manifest.features, "sample_id", "views"]
 
+    @property
+    def remedy(self) -> str:
+        task = self.manifest.task
+        return f"extract the features again (`kdmtl extract-features --teacher {task}`)"
+
     def array(self, name: str, mode: str = "r+") -> zarr.Array:
-        with reading(self.path / SPLIT / name / "zarr.json", REMEDY):
+        with reading(self.path / SPLIT / name / "zarr.json", self.remedy):
             return zarr.open_array(self.path / SPLIT / name, mode=mode)
 
     def shard_range(self, shard: int) -> tuple[int, int]:
@@ -242,27 +251,39 @@ class FeatureStore:
     def done_shards(self) -> set[int]:
         return {shard for shard, record in self.shard_records().items() if record is not None}
 
+    def shard_files(self) -> dict[str, Callable[[int], Path]]:
+        """Per array, the path of its file of a given shard (each array opened once)."""
+        files = {}
+        for name in self.shard_arrays(self.manifest):
+            array, folder = self.array(name, "r"), self.path / SPLIT / name
+            files[name] = functools.partial(chunk_file, folder, array)
+        return files
+
+    def shard_problems(self, full: bool = False) -> dict[int, list[str]]:
+        """Per written shard, what differs in its files from their records: presence and size
+        (with `full`, the sha256 as well)."""
+        files = self.shard_files()
+        found = {}
+        for shard, record in self.shard_records().items():
+            if record is not None:
+                problems = (file_problem(files[n](shard), r, full) for n, r in record.items())
+                found[shard] = [problem for problem in problems if problem]
+        return found
+
     def intact_shards(self) -> set[int]:
         """Written shards whose files still have the recorded sizes: a resumed extraction
         rewrites the others."""
-        return {
-            shard
-            for shard, record in self.shard_records().items()
-            if record is not None
-            and not any(
-                file_problem(self.shard_file(name, shard), r, full=False)
-                for name, r in record.items()
-            )
-        }
-
-    def shard_file(self, name: str, shard: int) -> Path:
-        return chunk_file(self.path / SPLIT / name, self.array(name, "r"), shard)
+        return {shard for shard, problems in self.shard_problems().items() if not problems}
 
     def mark_done(self, shard: int) -> None:
         """Record the shard's files, as written: from now on readers expect exactly these."""
-        names = self.shard_arrays(self.manifest)
-        words = [to_words(record_file(self.shard_file(name, shard))) for name in names]
+        files = self.shard_files()
+        words = [to_words(record_file(file(shard))) for file in files.values()]
         self.array("written")[shard] = np.stack(words)
+
+    def forget(self, shard: int) -> None:
+        """Drop the shard's record before it is written again: until then it is not done."""
+        self.array("written")[shard] = 0
 
     def mark_complete_if_all_done(self) -> bool:
         """Set the manifest's completion once every shard is written (the last writer does)."""
@@ -272,52 +293,45 @@ class FeatureStore:
         write_manifest(self.path, self.manifest)
         return True
 
-    def problems(self, full: bool = False) -> list[str]:
-        """What disagrees with the manifest: each array's own metadata, the completion, and each
-        written shard file's presence and size (with `full`, its sha256 as well)."""
+    def layout_problems(self) -> list[str]:
+        """What differs in the store's structure from the manifest: the metadata files, the
+        group, each array's shape, dtype, chunks and shards. Rewriting shards cannot mend it."""
         m = self.manifest
         expected = {
             name: (info.shape, info.dtype, info.chunks, info.shards)
             for name, info in m.features.items()
         }
-        shard, chunk, count = m.shard_size, m.chunk_size, m.num_samples
+        shard, chunk, count, views = m.shard_size, m.chunk_size, m.num_samples, m.views.views
         expected["sample_id"] = ([count], "int64", [chunk], [shard])
-        expected["views"] = ([count, m.views.views, 4], "float32", [chunk, m.views.views, 4])
-        expected["views"] += ([shard, m.views.views, 4],)
-        found = metadata_problems(self.path, m.metadata_files, full)
-        found += group_problems(self.path / SPLIT, REMEDY)
-        for name, (shape, dtype, chunks, shards) in expected.items():
+        expected["views"] = ([count, views, 4], "float32", [chunk, views, 4], [shard, views, 4])
+        records = [m.num_shards, len(self.shard_arrays(m)), RECORD_WORDS]
+        expected["written"] = (records, "uint64", [1, *records[1:]], None)
+        found = metadata_problems(self.path, m.metadata_files)
+        found += group_problems(self.path / SPLIT, self.remedy)
+        for name, layout in expected.items():
             try:
-                array = self.array(name, "r")
+                problem = layout_problem(self.path / SPLIT / name, self.array(name, "r"), *layout)
             except DataError as error:
-                found.append(str(error))
-                continue
-            held = (list(array.shape), str(array.dtype), list(array.chunks), list(array.shards))
-            if held != (shape, dtype, chunks, shards):
-                found.append(
-                    f"{self.path / SPLIT / name} is {held[1]} {held[0]} in chunks of {held[2]} "
-                    f"and shards of {held[3]}, the manifest says {dtype} {shape}, {chunks}, "
-                    f"{shards}"
-                )
-        if found:
-            return found
-        try:
-            records = self.shard_records()
-        except DataError as error:
-            return [str(error)]
-        missing = [shard for shard, record in records.items() if record is None]
-        if m.complete and missing:
-            found.append(f"shards {missing} have no record of being written, yet it is complete")
-        for shard, record in records.items():
-            for name, file_record in (record or {}).items():
-                problem = file_problem(self.shard_file(name, shard), file_record, full)
-                if problem:
-                    found.append(problem)
+                problem = str(error)
+            if problem:
+                found.append(problem)
         return found
+
+    def problems(self, full: bool = False) -> list[str]:
+        """What disagrees with the manifest: the layout, the completion, and each written shard
+        file's presence and size (with `full`, its sha256 as well)."""
+        found = self.layout_problems()
+        if found:
+            return found  # the shards cannot be located through damaged metadata
+        shards = self.shard_problems(full)
+        missing = sorted(set(range(self.manifest.num_shards)) - set(shards))
+        if self.manifest.complete and missing:
+            found.append(f"shards {missing} have no record of being written, yet it is complete")
+        return found + [problem for problems in shards.values() for problem in problems]
 
     def check_intact(self) -> None:
         """Refuse a store whose shard files are not those written (cheap: sizes only)."""
-        refuse_damage(f"feature store {self.path}", self.problems(), REMEDY)
+        refuse_damage(f"feature store {self.path}", self.problems(), self.remedy)
 
     def stale_against(self, checkpoint_sha256: str, prepared_fingerprint: str) -> list[str]:
         """What makes the store out of date for this teacher checkpoint and prepared data."""
@@ -335,20 +349,25 @@ class FeatureStore:
         return problems
 
     def layout_against(self, config: FeatureParams, augment: bool) -> list[str]:
-        """What makes the store's values other than the features params would give: the
-        stored dtype, the codecs (BitRound's kept bits), and the cached views."""
+        """What makes the store's values other than the features params would give: the stored
+        dtype, BitRound's kept bits, and the cached views (their seed only with augmentation).
+        Codecs that change only the bytes on disk (compressor, level) do not count."""
         problems = []
-        codecs = codec_records(config)
-        for name, info in self.manifest.features.items():
-            if info.dtype != config.dtype or info.codecs != codecs:
-                problems.append(
-                    f"{name} is stored as {info.dtype} with keep_bits {keep_bits(info.codecs)} "
-                    f"(params: {config.dtype}, keep_bits {config.keep_bits})"
-                )
-                break
-        wanted = view_spec(config, augment)
-        if self.manifest.views != wanted:
-            problems.append(f"views {self.manifest.views} (params: {wanted})")
+        info = next(iter(self.manifest.features.values()))
+        held, wanted = (info.dtype, keep_bits(info.codecs)), (config.dtype, config.keep_bits)
+        if held != wanted:
+            problems.append(
+                f"features stored as {held[0]} with keep_bits {held[1]} (params: {wanted[0]}, "
+                f"keep_bits {wanted[1]})"
+            )
+        views, expected = self.manifest.views, view_spec(config, augment)
+        if not augment:  # every view is the image itself, whatever the seed
+            views, expected = (
+                views.model_copy(update={"seed": 0}),
+                expected.model_copy(update={"seed": 0}),
+            )
+        if views != expected:
+            problems.append(f"views {self.manifest.views} (params: {view_spec(config, augment)})")
         return problems
 
 
@@ -378,17 +397,18 @@ class FeatureChunks:
         return self.__dict__ | {"_arrays": None, "_small": {}}
 
     def read_chunk(self, chunk: int, epoch: int = 0) -> dict[str, np.ndarray]:
+        remedy = f"the store is damaged: {self.store.remedy}"
         if self._arrays is None:
             features = self.store.manifest.features
             self._arrays = {name: self.store.array(name, "r") for name in features}
             for name in ("sample_id", "views"):
-                with reading(self.store.path / SPLIT / name, f"the store is damaged: {REMEDY}"):
+                with reading(self.store.path / SPLIT / name, remedy):
                     self._small[name] = self.store.array(name, "r")[:]
         start = chunk * self.chunk_size
         stop = min(start + self.chunk_size, len(self))
         arrays = {}
         for name, array in self._arrays.items():
-            with reading(self.store.path / SPLIT / name, f"the store is damaged: {REMEDY}"):
+            with reading(self.store.path / SPLIT / name, remedy):
                 arrays[name] = array[start:stop]
         return arrays | {name: values[start:stop] for name, values in self._small.items()}
 
@@ -415,7 +435,8 @@ def open_or_create(
         return FeatureStore.create(path, manifest, config)
     try:
         store = FeatureStore.open(path)
-        differences = _differences(store.manifest, manifest)
+        # Resuming rewrites damaged shards, but not damaged metadata: that store is made anew.
+        differences = _differences(store.manifest, manifest) or store.layout_problems()
     except DataError as error:
         store, differences = None, [str(error)]
     if not differences:

@@ -6,13 +6,13 @@ shard) file as it is written, and of each array's metadata: readers compare size
 store (one `stat` a file), and `kdmtl verify` compares digests.
 """
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
 import zarr
 
 from pipeline.errors import DataError
+from pipeline.files import sha256_file
 from schemas.base import FileRecord
 
 # A record as stored in a uint64 array: the size, then the sha256 as four big-endian words.
@@ -20,13 +20,7 @@ RECORD_WORDS = 5
 
 
 def record_file(path: Path) -> FileRecord:
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-            size += len(block)
-    return FileRecord(size=size, sha256=digest.hexdigest())
+    return FileRecord(size=Path(path).stat().st_size, sha256=sha256_file(path))
 
 
 def record_metadata(root: Path) -> dict[str, FileRecord]:
@@ -39,8 +33,10 @@ def record_metadata(root: Path) -> dict[str, FileRecord]:
     }
 
 
-def metadata_problems(root: Path, records: dict[str, FileRecord], full: bool) -> list[str]:
-    found = (file_problem(Path(root) / name, record, full) for name, record in records.items())
+def metadata_problems(root: Path, records: dict[str, FileRecord]) -> list[str]:
+    """What differs in the metadata files from their records. Always by sha256: they are a few
+    KB, and a same-size edit (padding a changed value with spaces) changes how data decodes."""
+    found = (file_problem(Path(root) / name, record, True) for name, record in records.items())
     return [problem for problem in found if problem]
 
 
@@ -86,3 +82,22 @@ def refuse_damage(what: str, found: list[str], remedy: str) -> None:
     if found:
         more = f" (and {len(found) - 1} more problems)" if len(found) > 1 else ""
         raise DataError(f"{what} is damaged: {found[0]}{more}; {remedy}")
+
+
+def layout_problem(
+    folder: Path,
+    array: zarr.Array,
+    shape: list[int],
+    dtype: str,
+    chunks: list[int],
+    shards: list[int] | None,
+) -> str | None:
+    """How the array stored in `folder` differs from the layout its manifest records."""
+    held = [list(array.shape), str(array.dtype), list(array.chunks)]
+    held.append(list(array.shards) if array.shards else None)
+    if held == [shape, dtype, chunks, shards]:
+        return None
+    return (
+        f"{folder} is {held[1]} {held[0]} in chunks of {held[2]} and shards of {held[3]}; the "
+        f"manifest says {dtype} {shape} in chunks of {chunks} and shards of {shards}"
+    )

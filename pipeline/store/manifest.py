@@ -7,6 +7,7 @@ content, so that a damaged or hand-edited manifest is refused rather than truste
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import TypeVar
 
@@ -36,11 +37,15 @@ def read_manifest(path: Path, schema: type[M], what: str, remedy: str) -> M:
     path = Path(path)
     if not (path / "zarr.json").is_file():
         raise DataError(f"no {what} at {path}: {remedy}")
-    with reading(path / "zarr.json", remedy):
+    # kdmtl cannot tell a store whose zarr.json is unreadable from someone's folder, so it will
+    # not replace it: the person deletes it.
+    with reading(path / "zarr.json", f"if it is a damaged kdmtl store, delete it, then {remedy}"):
         attrs = zarr.open_group(path, mode="r").attrs.asdict()
     if MANIFEST_KEY not in attrs:
         raise DataError(f"{path} has no kdmtl manifest (incomplete?): {remedy}")
-    if attrs.get(SEAL_KEY) != _seal(attrs[MANIFEST_KEY]):
+    if SEAL_KEY not in attrs:
+        raise DataError(f"{path} was made by an older kdmtl (its manifest has no seal): {remedy}")
+    if attrs[SEAL_KEY] != _seal(attrs[MANIFEST_KEY]):
         raise DataError(
             f"the manifest of {path} was edited or damaged (its seal does not match): {remedy}"
         )
@@ -73,12 +78,25 @@ def store_kind(path: Path) -> str | None:
         return None
 
 
-def _enclosing_store(path: Path) -> Path | None:
-    """The nearest folder above `path`, as given, that is a Zarr store (it holds a zarr.json)."""
-    for parent in Path(path).parents:
+def enclosing_store(path: Path) -> Path | None:
+    """The nearest folder above `path` that is a Zarr store (it holds a zarr.json)."""
+    for parent in Path(path).absolute().resolve().parents:
         if (parent / "zarr.json").is_file():
-            return parent
+            return Path(os.path.relpath(parent))
     return None
+
+
+def _foreign_files(path: Path) -> list[Path]:
+    """Files in the store at `path` that kdmtl does not write: anything but group and array
+    metadata (`zarr.json` at most two levels down) and chunk files (`SPLIT/ARRAY/c/...`)."""
+    foreign = []
+    for file in Path(path).rglob("*"):
+        parts = file.relative_to(path).parts
+        metadata = parts[-1] == "zarr.json" and len(parts) <= 3
+        chunk = len(parts) > 3 and parts[2] == "c"
+        if file.is_symlink() or not (file.is_dir() or metadata or chunk):
+            foreign.append(file)
+    return foreign
 
 
 def check_writable(path: Path, kind: str, key: str, inputs: dict[str, Path] | None = None) -> None:
@@ -95,13 +113,22 @@ def check_writable(path: Path, kind: str, key: str, inputs: dict[str, Path] | No
             raise DataError(
                 f"{path} would replace {input_path} ({input_key}), which this command reads: {fix}"
             )
-    if path.exists() or path.is_symlink():
+    if path.is_symlink():
+        raise DataError(f"{path} is a symbolic link; kdmtl replaces only folders it made: {fix}")
+    if path.exists():
         found = store_kind(path)
         if found != kind:
-            what = f"a {found} store" if found else "not a kdmtl store"
+            what = f"a {found} store" if found else "not a readable kdmtl store"
             raise DataError(
-                f"{path} exists and is {what}; kdmtl replaces only the {kind} stores it made: {fix}"
+                f"{path} exists and is {what}; kdmtl replaces only the {kind} stores it made "
+                f"(delete it yourself if it is a damaged one): {fix}"
             )
-    outer = _enclosing_store(path)
+        foreign = _foreign_files(path)
+        if foreign:
+            raise DataError(
+                f"{path} holds files kdmtl did not write ({foreign[0]}"
+                f"{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}): {fix}"
+            )
+    outer = enclosing_store(path)
     if outer is not None:
         raise DataError(f"{path} lies inside the Zarr store {outer}: {fix}")

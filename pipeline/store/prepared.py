@@ -29,6 +29,7 @@ from pipeline.progress import progress_bar
 from pipeline.store.integrity import (
     chunk_file,
     file_problem,
+    layout_problem,
     metadata_problems,
     record_file,
     record_metadata,
@@ -180,25 +181,26 @@ class PreparedStore:
         return da.from_zarr(self.array(split, name))
 
     def problems(self, full: bool = False) -> list[str]:
-        """What disagrees with the manifest: each array's own metadata, and each chunk file's
-        presence and size (with `full`, its sha256 as well)."""
-        found = metadata_problems(self.path, self.manifest.metadata_files, full)
+        """What disagrees with the manifest: the metadata files, each array's shape, dtype and
+        chunks, and each chunk file's presence and size (with `full`, its sha256 as well)."""
+        found = metadata_problems(self.path, self.manifest.metadata_files)
         for split, split_info in self.manifest.splits.items():
             found += group_problems(self.path / split, REMEDY)
             for name, info in split_info.arrays.items():
+                folder = self.path / split / name
                 try:
                     array = self.array(split, name)
                 except DataError as error:
                     found.append(str(error))
                     continue
-                held = (list(array.shape), str(array.dtype), list(array.chunks))
-                if held != (info.shape, info.dtype, info.chunks):
-                    found.append(
-                        f"{self.path / split / name} is {held[1]} {held[0]} in chunks of "
-                        f"{held[2]}, the manifest says {info.dtype} {info.shape} in {info.chunks}"
-                    )
+                layout = (info.shape, info.dtype, info.chunks, None)
+                problem = layout_problem(folder, array, *layout)
+                if problem is None and len(info.chunk_files) != array.cdata_shape[0]:
+                    problem = f"{folder} has {array.cdata_shape[0]} chunks, the manifest records "
+                    problem += f"{len(info.chunk_files)}"
+                if problem:
+                    found.append(problem)
                     continue
-                folder = self.path / split / name
                 for index, record in enumerate(info.chunk_files):
                     problem = file_problem(chunk_file(folder, array, index), record, full)
                     if problem:

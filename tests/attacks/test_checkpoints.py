@@ -203,6 +203,7 @@ def test_bad_checkpoint_of_a_student_where_a_teacher_is_expected(project: Path):
         test_metrics={"depth": metadata.test_metrics},
         kdmtl_version=metadata.kdmtl_version,
     )
+    TEACHER.unlink()  # saving a student over a teacher is refused
     save_checkpoint(TEACHER, teacher, student)
     refused("it is a kdmtl.student checkpoint, not a kdmtl.teacher one")
 
@@ -229,7 +230,7 @@ def test_bad_checkpoint_save_on_a_full_disk_says_so_on_the_command_line(
     with tiny_tmpfs(tmp_path / "disk") as disk:
         write_params(project, TINY_PARAMS | {"paths": {"teachers": str(disk / "teachers")}})
         result = kdmtl("train-teacher", "--teacher", "depth")
-        assert result.exit_code != 0
+        assert result.exit_code == 1, result.output
         assert "no space left" in result.output
         assert "Traceback" not in result.output
         assert files_under(disk) == []
@@ -246,7 +247,9 @@ def test_bad_checkpoint_save_does_not_replace_what_kdmtl_did_not_make(
     notes.write_text("my notes\n")
     with pytest.raises(KdmtlError) as raised:
         save_checkpoint(path, teacher, metadata)
-    assert str(raised.value).startswith(f"{path} exists and is not a checkpoint kdmtl made")
+    assert str(raised.value).startswith(
+        f"{path} exists and is not a kdmtl.teacher checkpoint kdmtl made"
+    )
     assert notes.read_text() == "my notes\n"
     assert files_under(tmp_path) == [notes]
 

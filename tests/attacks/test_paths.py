@@ -6,9 +6,11 @@ person's files are left byte for byte as they were.
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
-from conftest import OUTPUT_PARAMS, kdmtl, tmpfs, write_params
+from conftest import kdmtl, tmpfs, write_params
+from test_folder_sources import folder_params, make_dataset
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -40,14 +42,14 @@ def refused(command: tuple[str, ...], *fragments: str) -> str:
 def test_path_prepared_naming_someones_folder_is_refused(project: Path):
     mine = someones_folder(project / "mydata")
     set_paths(project, prepared="mydata")
-    refused(("prepare",), "mydata exists and is not a kdmtl store", "paths.prepared")
+    refused(("prepare",), "mydata exists and is not a readable kdmtl store", "paths.prepared")
     assert snapshot(project / "mydata") == mine
 
 
 def test_path_prepared_naming_someones_file_is_refused(project: Path):
     (project / "results.csv").write_text("a,b\n1,2\n")
     set_paths(project, prepared="results.csv")
-    refused(("prepare",), "results.csv exists and is not a kdmtl store")
+    refused(("prepare",), "results.csv exists and is not a readable kdmtl store")
     assert (project / "results.csv").read_text() == "a,b\n1,2\n"
     assert not list(project.glob("results.csv.*"))
 
@@ -64,7 +66,7 @@ def test_path_features_naming_someones_folder_is_refused(outputs: Path):
     set_paths(outputs, features="mine")
     refused(
         ("extract-features", "--teacher", "depth"),
-        "mine/depth.zarr exists and is not a kdmtl store",
+        "mine/depth.zarr exists and is not a readable kdmtl store",
         "paths.features",
     )
     assert snapshot(outputs / "mine" / "depth.zarr") == mine
@@ -100,16 +102,65 @@ def test_path_features_inside_the_prepared_data_is_refused(outputs: Path):
 def test_path_checkpoint_naming_someones_file_is_refused_before_training(
     outputs: Path, key: str, command: tuple[str, ...]
 ):
-    (outputs / "README.md").write_text("# my project\n")
     if key == "student":
+        mine = outputs / "README.md"
         set_paths(outputs, student="README.md")
     else:
         (outputs / "mine").mkdir()
-        (outputs / "mine" / "depth.pt").write_text("not a checkpoint\n")
+        mine = outputs / "mine" / "depth.pt"
         set_paths(outputs, teachers="mine")
-    output = refused(command, "is not a checkpoint kdmtl made")
+    mine.write_text("not a checkpoint\n")
+    output = refused(command, f"{mine.relative_to(outputs)} exists and is not a kdmtl.", "move it")
     assert "epoch" not in output  # refused before training, not after
-    assert (outputs / "README.md").read_text() == "# my project\n"
+    assert mine.read_text() == "not a checkpoint\n"
+
+
+def test_path_student_naming_a_teacher_checkpoint_is_refused(outputs: Path):
+    teacher = (outputs / "models/teachers/depth.pt").read_bytes()
+    set_paths(outputs, student="models/teachers/depth.pt")
+    refused(("train-student",), "is not a kdmtl.student checkpoint kdmtl made")
+    assert (outputs / "models/teachers/depth.pt").read_bytes() == teacher
+
+
+def test_path_checkpoint_inside_a_store_is_refused(outputs: Path):
+    """Extraction replaces a store whole: a checkpoint inside it would go with it."""
+    store = snapshot(outputs / "features/depth.zarr")
+    set_paths(outputs, teachers="features/depth.zarr")
+    refused(
+        ("train-teacher", "--teacher", "depth"),
+        "features/depth.zarr/depth.pt lies inside the Zarr store features/depth.zarr",
+    )
+    assert snapshot(outputs / "features/depth.zarr") == store
+
+
+def test_path_store_holding_someones_files_is_not_replaced(outputs: Path):
+    """A store of other features is replaced whole; not when someone put files in it."""
+    (outputs / "features/depth.zarr/train/notes.txt").write_text("mine\n")
+    params = yaml.safe_load((outputs / "params.yaml").read_text())
+    params["features"] = {"dtype": "float32"}
+    write_params(outputs, params)
+    refused(
+        ("extract-features", "--teacher", "depth"),
+        "features/depth.zarr holds files kdmtl did not write (features/depth.zarr/train/notes.txt)",
+    )
+    assert (outputs / "features/depth.zarr/train/notes.txt").read_text() == "mine\n"
+
+
+@pytest.mark.parametrize("store", ["data/prepared.zarr", "features/depth.zarr"])
+def test_path_store_that_is_a_symbolic_link_is_refused(outputs: Path, store: str):
+    real = outputs / "elsewhere.zarr"
+    (outputs / store).rename(real)
+    (outputs / store).symlink_to(real)
+    command = (
+        ("prepare",) if store.startswith("data") else ("extract-features", "--teacher", "depth")
+    )
+    if store.startswith("features"):
+        params = yaml.safe_load((outputs / "params.yaml").read_text())
+        params["features"] = {"dtype": "float32"}
+        write_params(outputs, params)
+    before = snapshot(real)
+    refused(command, f"{store} is a symbolic link")
+    assert snapshot(real) == before and (outputs / store).is_symlink()
 
 
 def test_path_plots_folder_keeps_someones_files(outputs: Path):
@@ -123,11 +174,11 @@ def test_path_plots_folder_keeps_someones_files(outputs: Path):
 
 
 def test_a_refused_prepare_leaves_no_empty_folder(project: Path):
-    params = dict(OUTPUT_PARAMS)
-    params["data"] = params["data"] | {"source": "nyuv2", "root": str(project / "raw")}
-    write_params(project, params)
-    (project / "raw").mkdir()
-    refused(("prepare",), "missing folder")
+    """The refusal comes while writing: a bad file among the test samples."""
+    make_dataset(project / "raw", "nyuv2")
+    np.save(project / "raw/val/depth/2.npy", np.full((12, 16, 1), np.nan, np.float32))
+    folder_params(project, "nyuv2", project / "raw")
+    refused(("prepare",), "raw/val/depth/2.npy holds NaN or infinite values")
     assert not (project / "data").exists()
 
 

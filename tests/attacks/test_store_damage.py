@@ -1,16 +1,16 @@
 """Damage to every kind of file of both stores: deleted, emptied, truncated or one byte flipped.
 
-The command that reads the store must stop with one message naming the store (never read a missing
-chunk as zeros, never a traceback), and `kdmtl verify` must name the damage. The one damage a
-reader may let pass is a flipped byte in an inner group's metadata, which holds no data (zarr
-ignores an unknown key there); `verify` still names it.
+The command that reads the store must stop with one message naming the store and the remedy (never
+read a missing chunk as zeros, never a traceback), and `kdmtl verify` must name the damage.
 """
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import kdmtl
+import yaml
+from conftest import kdmtl, write_params
 
 
 def delete(path: Path) -> None:
@@ -61,11 +61,7 @@ CASES = [
     for name, damage in DAMAGES.items()
 ]
 READERS = {PREPARED: ("train-teacher", "--teacher", "depth"), FEATURES: ("train-student",)}
-
-
-def harmless(file: str, damage: Callable) -> bool:
-    """A flipped byte in an inner group's metadata: no data is read through it."""
-    return file.endswith("train/zarr.json") and damage is flip
+REMEDIES = {PREPARED: "`kdmtl prepare`", FEATURES: "`kdmtl extract-features --teacher depth`"}
 
 
 def one_error_line(output: str) -> str:
@@ -82,11 +78,9 @@ def test_corrupt_store_file_is_caught_by_its_reader_and_by_verify(
     damage(outputs / store / file)
 
     read = kdmtl(*READERS[store])
-    if harmless(file, damage):
-        assert read.exit_code == 0, read.output
-    else:
-        assert read.exit_code == 2, read.output
-        assert store in one_error_line(read.output)
+    assert read.exit_code == 2, read.output
+    line = one_error_line(read.output)
+    assert store in line and REMEDIES[store] in line
 
     verified = kdmtl("verify", store)
     assert verified.exit_code in (1, 2), verified.output
@@ -95,7 +89,8 @@ def test_corrupt_store_file_is_caught_by_its_reader_and_by_verify(
         assert "PROBLEM: " in verified.output
         assert store in verified.output
     else:
-        assert store in one_error_line(verified.output)
+        line = one_error_line(verified.output)
+        assert store in line and ("`kdmtl prepare" in line or "`kdmtl extract-features" in line)
 
 
 @pytest.mark.guard
@@ -144,3 +139,46 @@ def test_extraction_rewrites_a_damaged_shard_of_a_complete_store(outputs: Path):
     assert result.exit_code == 0, result.output
     assert "wrote 1 shards" in result.output
     assert kdmtl("verify", FEATURES).exit_code == 0
+
+
+def test_corrupt_test_chunk_is_caught_by_evaluate(outputs: Path):
+    flip(outputs / PREPARED / "test/semseg/c/0/0/0")
+    result = kdmtl("evaluate")
+    assert result.exit_code == 2, result.output
+    line = one_error_line(result.output)
+    assert "cannot read data/prepared.zarr/test/semseg: Stored and computed checksum" in line
+    assert "run `kdmtl prepare` again" in line
+
+
+def test_corrupt_chunk_met_in_a_reader_process_is_one_line(outputs: Path):
+    """A DataLoader worker sends its error back with its traceback in the message."""
+    params = yaml.safe_load((outputs / "params.yaml").read_text())
+    params["loader"] = {"num_workers": 1}
+    write_params(outputs, params)
+    flip(outputs / PREPARED / PREPARED_FILES["train chunk"])
+    result = kdmtl("train-teacher", "--teacher", "depth")
+    assert result.exit_code == 2, result.output
+    line = one_error_line(result.output)
+    assert line.startswith("Error: cannot read data/prepared.zarr/train/depth: Stored and")
+    assert "Original Traceback" not in result.output
+
+
+@pytest.mark.parametrize("file", ["train/decoder/zarr.json", "train/written/zarr.json"])
+def test_extraction_remakes_a_store_whose_metadata_is_damaged(outputs: Path, file: str):
+    empty(outputs / FEATURES / file)
+    result = kdmtl("extract-features", "--teacher", "depth")
+    assert result.exit_code == 0, result.output
+    assert "wrote 1 shards" in result.output
+    assert kdmtl("verify", FEATURES).exit_code == 0
+
+
+def test_a_store_made_by_an_older_kdmtl_says_so(outputs: Path):
+    manifest = outputs / FEATURES / "zarr.json"
+    metadata = json.loads(manifest.read_text())
+    del metadata["attributes"]["kdmtl_seal"]
+    manifest.write_text(json.dumps(metadata))
+    result = kdmtl("train-student")
+    assert result.exit_code == 2
+    assert "was made by an older kdmtl (its manifest has no seal)" in one_error_line(result.output)
+    assert kdmtl("extract-features", "--teacher", "depth").exit_code == 0
+    assert kdmtl("train-student").exit_code == 0
