@@ -75,6 +75,8 @@ def command(store: Path, checks: int, params: Params) -> None:
         verify_features(store, checks, params, report)
         manifest = FeatureStore.open(store).manifest
         click.echo(f"{store}: teacher {manifest.task}, {manifest.num_samples} samples")
+    elif not store.exists():
+        raise KdmtlError(f"no store at {store}: give a feature store or the prepared data")
     else:
         raise KdmtlError(
             f"{store} is not a kdmtl store, or its zarr.json is missing or damaged: give a "

@@ -182,3 +182,16 @@ def test_a_store_made_by_an_older_kdmtl_says_so(outputs: Path):
     assert "was made by an older kdmtl (its manifest has no seal)" in one_error_line(result.output)
     assert kdmtl("extract-features", "--teacher", "depth").exit_code == 0
     assert kdmtl("train-student").exit_code == 0
+
+
+@pytest.mark.parametrize(
+    ("path", "message"),
+    [
+        ("nowhere.zarr", "no store at nowhere.zarr"),
+        ("models", "models is not a kdmtl store, or its zarr.json is missing or damaged"),
+    ],
+)
+def test_bad_input_verify_of_something_else_than_a_store(outputs: Path, path: str, message: str):
+    result = kdmtl("verify", path)
+    assert result.exit_code == 2
+    assert message in one_error_line(result.output)
