@@ -55,6 +55,17 @@ def kdmtl(*args: str) -> Result:
     return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
 
+def refused(command: tuple[str, ...], *fragments: str) -> str:
+    """Run `kdmtl COMMAND`; it must stop with exit status 2, no traceback, and a message holding
+    every fragment. Returns the output."""
+    result = kdmtl(*command)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in result.output, result.output
+    return result.output
+
+
 def files_under(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file())
 

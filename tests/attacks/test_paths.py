@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import kdmtl, tmpfs, write_params
+from conftest import kdmtl, refused, tmpfs, write_params
 from test_folder_sources import folder_params, make_dataset
 
 
@@ -28,15 +28,6 @@ def set_paths(project: Path, **paths: str) -> None:
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["paths"] = params.get("paths", {}) | paths
     write_params(project, params)
-
-
-def refused(command: tuple[str, ...], *fragments: str) -> str:
-    result = kdmtl(*command)
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in result.output, result.output
-    return result.output
 
 
 def test_path_prepared_naming_someones_folder_is_refused(project: Path):

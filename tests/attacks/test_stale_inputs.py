@@ -7,21 +7,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import kdmtl, write_params
+from conftest import kdmtl, refused, write_params
 
 
 def change(project: Path, section: str, **values) -> None:
     params = yaml.safe_load((project / "params.yaml").read_text())
     params[section] = params.get(section, {}) | values
     write_params(project, params)
-
-
-def refused(command: tuple[str, ...], *fragments: str) -> None:
-    result = kdmtl(*command)
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in result.output, result.output
 
 
 @pytest.mark.parametrize(
