@@ -1,7 +1,8 @@
 """Extraction: run a teacher over the prepared train split and write its features to a store.
 
 A writer thread sits behind a bounded queue and writes whole shards while the teacher computes the
-next ones; shards already flagged complete are skipped, so a killed run resumes where it stopped.
+next ones; shards already recorded as written, with their files intact, are skipped, so a killed
+run resumes where it stopped.
 """
 
 import queue
