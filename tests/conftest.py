@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -143,3 +144,39 @@ def outputs(pipeline_outputs: Path, tmp_path: Path, monkeypatch) -> Path:
     shutil.copytree(pipeline_outputs, folder)
     monkeypatch.chdir(folder)
     return folder
+
+
+KILLED = """
+import os, signal, sys, importlib
+owner = importlib.import_module({module!r})
+*path, name = {name!r}.split(".")
+for part in path:
+    owner = getattr(owner, part)
+original = getattr(owner, name)
+calls = []
+def dies(*args, **kwargs):
+    if {when}:
+        calls.append(args)
+        if len(calls) == {nth}:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return original(*args, **kwargs)
+setattr(owner, name, dies)
+from stages.cli import main
+sys.argv = ["kdmtl", *sys.argv[1:]]
+main()
+"""
+
+
+def killed(cwd: Path, target: str, *command: str, nth: int = 1, when: str = "True") -> None:
+    """Run `kdmtl COMMAND` and SIGKILL it before the nth call of `target` ("module:name") for
+    which `when` (an expression of `args`) holds."""
+    module, name = target.split(":")
+    code = KILLED.format(module=module, name=name, nth=nth, when=when)
+    run = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), *command],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == -9, run.stdout + run.stderr

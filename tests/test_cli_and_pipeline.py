@@ -1,11 +1,22 @@
 """The command line as installed, the DVC pipeline, and the direction of imports between layers."""
 
 import ast
+import sys
 from pathlib import Path
 
 import click
 import pytest
-from conftest import BIN, REPO, TINY_PARAMS, copy_project, dvc, kdmtl, run, write_repo_params
+from conftest import (
+    BIN,
+    REPO,
+    TINY_PARAMS,
+    copy_project,
+    dvc,
+    kdmtl,
+    killed,
+    run,
+    write_repo_params,
+)
 
 from pipeline.store.features import FeatureStore
 from pipeline.store.prepared import open_prepared
@@ -35,7 +46,7 @@ def test_the_console_script_is_installed(tmp_path: Path):
     assert "prepare" in result.stdout
 
 
-def test_dvc_repro_runs_the_pipeline_and_reruns_only_what_changed(tmp_path: Path):
+def test_dvc_repro_reruns_only_what_changed_and_loses_nothing(tmp_path: Path):
     copy_project(tmp_path, TINY_PARAMS)
     dvc("init", "--no-scm", "-q", cwd=tmp_path)
     first = dvc("repro", cwd=tmp_path)
@@ -73,6 +84,41 @@ def test_dvc_repro_runs_the_pipeline_and_reruns_only_what_changed(tmp_path: Path
     assert "Running stage 'train_student'" in again
     assert "Running stage 'train_teacher@semseg'" not in again
     assert "Running stage 'train_teacher@normal'" not in again
+
+    loses_nothing_to_a_params_mistake_and_resumes_an_extraction(tmp_path)
+
+
+def outputs_of(folder: Path) -> dict[str, bytes]:
+    kept = ("data", "models", "features", "metrics", "plots")
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for name in kept
+        for p in (folder / name).rglob("*")
+        if p.is_file()
+    }
+
+
+def loses_nothing_to_a_params_mistake_and_resumes_an_extraction(tmp_path: Path) -> None:
+    """Under `dvc repro`, on a project whose pipeline has run."""
+    before = outputs_of(tmp_path)
+
+    # A typo: DVC reruns the student's stage, kdmtl refuses the params, nothing is deleted.
+    params = (tmp_path / "params.yaml").read_text()
+    (tmp_path / "params.yaml").write_text(params.replace("kd_source:", "kd_sorce:"))
+    failed = run(sys.executable, "-m", "dvc", "repro", cwd=tmp_path)
+    assert failed.returncode != 0
+    assert "student.kd_sorce: unknown key" in failed.stdout + failed.stderr
+    assert outputs_of(tmp_path) == before
+
+    # An extraction killed after its first shard resumes under `dvc repro`.
+    (tmp_path / "params.yaml").write_text(params.replace("shard_chunks: 4", "shard_chunks: 1"))
+    target = "pipeline.store.features:FeatureStore.mark_done"
+    killed(tmp_path, target, "extract-features", "--teacher", "depth", nth=2)
+    resumed = dvc("repro", cwd=tmp_path)
+    assert "features/depth.zarr: wrote 2 shards (8 samples" in resumed
+    assert "features/semseg.zarr: wrote 3 shards (12 samples" in resumed
+    verified = run(str(BIN / "kdmtl"), "verify", "features/depth.zarr", cwd=tmp_path)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
 
 
 LAYERS = {"schemas": set(), "pipeline": {"schemas"}, "stages": {"pipeline", "schemas"}}

@@ -1,56 +1,18 @@
 """SIGKILL at the worst moments of each stage: nothing half-written is trusted, nothing is left
 behind after the next run, and no report describes another checkpoint than the one in place.
 
-Each case runs the command in a child process with one function wrapped so that the process kills
-itself (SIGKILL: no cleanup runs) right before that function's n-th call.
+Each case runs the command in a child process that kills itself (SIGKILL: no cleanup runs) right
+before one function's n-th call (`conftest.killed`).
 """
 
 import shutil
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import kdmtl
+from conftest import kdmtl, killed
 
 from pipeline.store.features import FeatureStore
 from pipeline.store.prepared import open_prepared
-
-KILLED = """
-import os, signal, sys, importlib
-owner = importlib.import_module({module!r})
-*path, name = {name!r}.split(".")
-for part in path:
-    owner = getattr(owner, part)
-original = getattr(owner, name)
-calls = []
-def dies(*args, **kwargs):
-    if {when}:
-        calls.append(args)
-        if len(calls) == {nth}:
-            os.kill(os.getpid(), signal.SIGKILL)
-    return original(*args, **kwargs)
-setattr(owner, name, dies)
-from stages.cli import main
-sys.argv = ["kdmtl", *sys.argv[1:]]
-main()
-"""
-
-
-def killed(cwd: Path, target: str, *command: str, nth: int = 1, when: str = "True") -> None:
-    """Run `kdmtl COMMAND` and SIGKILL it before the nth call of `target` ("module:name") for
-    which `when` (an expression of `args`) holds."""
-    module, name = target.split(":")
-    code = KILLED.format(module=module, name=name, nth=nth, when=when)
-    run = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code), *command],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert run.returncode == -9, run.stdout + run.stderr
 
 
 def leftovers(folder: Path) -> list[Path]:
