@@ -5,6 +5,7 @@ into gradients. Methods that look at gradients get the shared representation and
 parameters through `StepContext`.
 """
 
+import itertools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
@@ -160,28 +161,35 @@ def _gradient_norm(loss: torch.Tensor, parameters: list[nn.Parameter]) -> torch.
     return torch.sqrt(sum(g.pow(2).sum() for g in grads))
 
 
-def min_norm_weights(gram: torch.Tensor, iterations: int = 250, tolerance: float = 1e-6):
-    """Weights alpha on the simplex minimising |sum_k alpha_k g_k|^2, from the Gram matrix
-    G_ij = g_i . g_j, by Frank-Wolfe with exact line search (the MGDA solver)."""
+def min_norm_weights(gram: torch.Tensor) -> torch.Tensor:
+    """The exact weights alpha on the simplex minimising |sum_k alpha_k g_k|^2, from the Gram
+    matrix G_ij = g_i . g_j (the MGDA min-norm problem).
+
+    The minimum of a convex quadratic on the simplex lies inside one of its faces; on the face of
+    tasks S it solves G_SS alpha_S = lambda 1, sum alpha_S = 1 (lstsq, for singular G). Every face
+    is tried (2^n - 1 of them for n tasks, a handful), and the feasible point of lowest norm kept.
+    An iterative solver (Frank-Wolfe) stops short of this point on ill-conditioned gradients."""
     count = gram.shape[0]
-    alpha = torch.full((count,), 1.0 / count, dtype=gram.dtype)
-    for _ in range(iterations):
-        g_alpha = gram @ alpha  # (sum_k alpha_k g_k) . g_i for each i
-        vertex = int(torch.argmin(g_alpha))
-        vv = alpha @ g_alpha  # |v|^2
-        vg = g_alpha[vertex]  # v . g_t
-        gg = gram[vertex, vertex]  # |g_t|^2
-        denominator = vv - 2 * vg + gg
-        if denominator <= 1e-12:
-            break
-        step = torch.clamp((vv - vg) / denominator, 0.0, 1.0)
-        update = (1 - step) * alpha
-        update[vertex] += step
-        if (update - alpha).abs().sum() < tolerance:
-            alpha = update
-            break
-        alpha = update
-    return alpha
+    best, best_value = None, None
+    for size in range(1, count + 1):
+        for face in itertools.combinations(range(count), size):
+            index = torch.tensor(face)
+            kkt = torch.zeros(size + 1, size + 1, dtype=gram.dtype)
+            kkt[:size, :size] = gram[index][:, index]
+            kkt[:size, size] = -1.0
+            kkt[size, :size] = 1.0
+            rhs = torch.zeros(size + 1, dtype=gram.dtype)
+            rhs[size] = 1.0
+            solution = torch.linalg.lstsq(kkt, rhs[:, None]).solution[:size, 0]
+            if (solution < -1e-12).any() or not torch.isclose(solution.sum(), rhs[size]):
+                continue
+            alpha = torch.zeros(count, dtype=gram.dtype)
+            alpha[index] = solution.clamp(min=0)
+            alpha /= alpha.sum()
+            value = alpha @ gram @ alpha
+            if best_value is None or value < best_value:
+                best, best_value = alpha, value
+    return best
 
 
 @WEIGHTINGS.register

@@ -117,3 +117,39 @@ def test_mgda_weighs_by_the_min_norm_point_of_gradients_at_the_representation():
     # min |alpha e1 + (1 - alpha) 3 e2|: alpha = 9 / 10.
     assert weights == pytest.approx({"a": 0.9, "b": 0.1}, abs=1e-4)
     torch.testing.assert_close(representation.grad, torch.tensor([0.9, 0.3]))
+
+
+def assert_min_norm_certificate(g: torch.Tensor, alpha: torch.Tensor) -> None:
+    """Optimality on the simplex: with v = sum alpha_k g_k, every g_k . v >= |v|^2, with equality
+    where alpha_k > 0 (the KKT conditions of min |v|^2)."""
+    v = alpha @ g
+    scores, norm = g @ v, v @ v
+    scale = (g @ g.T).abs().max()
+    assert (scores >= norm - 1e-9 * scale).all()
+    support = alpha > 1e-9
+    torch.testing.assert_close(
+        scores[support], norm.expand(int(support.sum())), atol=1e-9 * scale, rtol=0
+    )
+
+
+def test_min_norm_solver_is_exact_on_ill_conditioned_pairs():
+    """Two tasks have a closed form: alpha_1 = clamp((g2 - g1) . g2 / |g1 - g2|^2, 0, 1)."""
+    rng = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        g1 = torch.randn(64, generator=rng, dtype=torch.float64)
+        g2 = 3.0 * g1 + 1e-3 * torch.randn(64, generator=rng, dtype=torch.float64)
+        alpha = min_norm_weights(torch.stack([g1, g2]) @ torch.stack([g1, g2]).T)
+        exact = ((g2 - g1) @ g2 / (g1 - g2).pow(2).sum()).clamp(0, 1)
+        assert alpha[0].item() == pytest.approx(exact.item(), abs=1e-9)
+
+
+def test_min_norm_solver_is_exact_on_ill_conditioned_triples():
+    """Gradients whose Gram matrix spans 8 orders of magnitude, where Frank-Wolfe stops short."""
+    rng = torch.Generator().manual_seed(1)
+    for _ in range(50):
+        base = torch.randn(3, 16, generator=rng, dtype=torch.float64)
+        g = base * torch.tensor([[1.0], [1e2], [1e4]], dtype=torch.float64)
+        g[2] = g[1] + 1e-2 * torch.randn(16, generator=rng, dtype=torch.float64)
+        alpha = min_norm_weights(g @ g.T)
+        assert alpha.sum().item() == pytest.approx(1.0) and (alpha >= 0).all()
+        assert_min_norm_certificate(g, alpha)
