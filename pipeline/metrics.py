@@ -2,9 +2,9 @@
 
 Meters take one batch at a time and keep only running sums (a confusion matrix, error sums), except
 the normal meter, which keeps every valid pixel's angle as float32 because the median is over all
-valid pixels of the split, not an average of batch medians. Depth errors are exact averages over all
-valid pixels of the split (LibMTL averages per-batch means weighted by batch size, which depends on
-the batching).
+valid pixels of the split, not an average of batch medians. Depth errors are averages over all
+valid pixels of the split; LibMTL 1.1.5 averages per-batch means weighted by each batch's count of
+valid pixels (its `bs` is taken after masking), which is the same number.
 """
 
 import math

@@ -49,12 +49,16 @@ def command(params: Params) -> None:
     picture = prediction_grid(student, teachers, tasks, first, device)
     png = Path(params.paths.plots) / "eval" / "predictions.png"
     write_atomically(png, lambda partial: picture.save(partial, format="PNG"))
-    click.echo(f"Delta_MTL of the student against its teachers: {report.delta_mtl:+.2f}%")
+    click.echo(
+        f"Delta_MTL of the student against its teachers: {report.delta_mtl:+.2f}% "
+        "(the mean of the tasks' deltas; positive: the student is better)"
+    )
     for task in tasks:
-        student_main = report.student[task][tasks[task].main_metric]
-        teacher_main = report.teachers[task][tasks[task].main_metric]
+        main = tasks[task].main_metric
+        student_main, teacher_main = report.student[task][main], report.teachers[task][main]
         click.echo(
-            f"  {task}: {tasks[task].main_metric} student {student_main:.4f}, teacher "
-            f"{teacher_main:.4f} (delta {report.delta_per_task[task]:+.2f}%)"
+            f"  {task}: {main} student {student_main:.4f}, teacher {teacher_main:.4f}; "
+            f"task delta {report.delta_per_task[task]:+.2f}%, the mean over its "
+            f"{len(report.student[task])} metrics"
         )
     click.echo(f"wrote {Path(params.paths.metrics) / 'eval.json'} and {png}")

@@ -6,6 +6,7 @@ import click
 
 from pipeline import __version__
 from pipeline.checkpoints import ensure_replaceable, save_checkpoint
+from pipeline.errors import KdmtlError
 from pipeline.files import sha256_file
 from pipeline.store.features import FeatureStore
 from pipeline.store.prepared import open_prepared
@@ -36,10 +37,15 @@ def command(params: Params) -> None:
     config = params.student
     stores, teachers, distilled_from = None, None, {}
     if config.method == "kd" and config.kd_source == "cache":
-        stores = {
-            task: FeatureStore.open(Path(params.paths.features) / f"{task}.zarr")
-            for task in params.tasks
-        }
+        paths = {task: Path(params.paths.features) / f"{task}.zarr" for task in params.tasks}
+        missing = [task for task, path in paths.items() if not path.exists()]
+        if missing:
+            commands = ", ".join(f"`kdmtl extract-features --teacher {t}`" for t in missing)
+            raise KdmtlError(
+                f"no feature store for {', '.join(missing)} in {params.paths.features}: run "
+                f"{commands} (or `dvc repro`)"
+            )
+        stores = {task: FeatureStore.open(path) for task, path in paths.items()}
         checkpoints = {task: Path(params.paths.teachers) / f"{task}.pt" for task in params.tasks}
         shas = {task: sha256_file(p) if p.is_file() else None for task, p in checkpoints.items()}
         check_stores(stores, prepared, shas, params.features, params.data.augment)

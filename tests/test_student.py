@@ -247,13 +247,15 @@ def test_an_incomplete_store_is_refused(project: Path):
     assert "features/depth.zarr cannot be used: incomplete (1 of 3 shards written)" in result.output
 
 
-def test_a_missing_store_says_to_extract(project: Path):
+def test_missing_stores_are_all_named_with_the_command_for_each(project: Path):
     shutil.rmtree(project / "features" / "semseg.zarr")
+    shutil.rmtree(project / "features" / "normal.zarr")
     result = kdmtl("train-student")
     assert result.exit_code == 2
-    assert "no feature store at features/semseg.zarr: run `kdmtl extract-features --teacher " in (
-        result.output
-    )
+    assert (
+        "no feature store for semseg, normal in features: run `kdmtl extract-features --teacher "
+        "semseg`, `kdmtl extract-features --teacher normal` (or `dvc repro`)"
+    ) in result.output
 
 
 def test_online_and_cached_distillation_agree_on_the_same_batch(project: Path):
@@ -313,6 +315,12 @@ def test_evaluate_compares_the_student_with_its_teachers(project: Path):
     assert result.exit_code == 0, result.output
     assert "Delta_MTL of the student against its teachers:" in result.output
     report = EvaluationReport.model_validate_json((project / "metrics/eval.json").read_text())
+    semseg = (
+        f"  semseg: mIoU student {report.student['semseg']['mIoU']:.4f}, teacher "
+        f"{report.teachers['semseg']['mIoU']:.4f}; task delta "
+        f"{report.delta_per_task['semseg']:+.2f}%, the mean over its 2 metrics"
+    )
+    assert semseg in result.output.splitlines()
     tasks = make_tasks(TASK_NAMES, 7)
     assert set(report.student) == set(report.teachers) == set(TASK_NAMES)
     for task in TASK_NAMES:
