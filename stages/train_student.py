@@ -28,10 +28,10 @@ from stages.common import (
 @user_errors
 def command(params: Params) -> None:
     """Train the multi-task student: from the cached teacher features (method kd), or plain."""
-    path = Path(params.paths.student)
+    student_path = Path(params.paths.student)
     curves = Path(params.paths.plots) / "student"
     # Before training, not after: refuse what kdmtl must not replace.
-    ensure_replaceable(path, StudentMetadata.model_fields["kind"].default)
+    ensure_replaceable(student_path, StudentMetadata.model_fields["kind"].default)
     prepared = open_prepared(Path(params.paths.prepared))
     prepared.check_matches(params.data)
     config = params.student
@@ -79,10 +79,10 @@ def command(params: Params) -> None:
         test_metrics=result.test_metrics,
         kdmtl_version=__version__,
     )
-    save_checkpoint(path, result.model, metadata)
+    save_checkpoint(student_path, result.model, metadata)
     write_curves(curves, result.history)
     shown = "; ".join(
         f"{task} " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
         for task, metrics in result.test_metrics.items()
     )
-    click.echo(f"wrote {path} ({config.method}): test {shown}")
+    click.echo(f"wrote {student_path} ({config.method}): test {shown}")
