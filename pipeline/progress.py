@@ -12,8 +12,13 @@ LOG_INTERVAL_S = 10.0
 
 def progress_bar(iterable: Iterable | None = None, enabled: bool = True, **options) -> tqdm:
     """A tqdm bar, redrawn at most every LOG_INTERVAL_S seconds when stderr is not a terminal.
+    There, a transient bar (`leave=False`, an epoch's) appears only once it has run that long:
+    a log keeps the lines that follow it, not a remnant of each short bar.
 
     Update its postfix with `set_postfix(..., refresh=False)`, so that it shows at the next
     redraw instead of forcing one."""
-    interval = TERMINAL_INTERVAL_S if sys.stderr.isatty() else LOG_INTERVAL_S
+    terminal = sys.stderr.isatty()
+    interval = TERMINAL_INTERVAL_S if terminal else LOG_INTERVAL_S
+    if not terminal and not options.get("leave", True):
+        options["delay"] = LOG_INTERVAL_S
     return tqdm(iterable, mininterval=interval, disable=not enabled, **options)

@@ -103,8 +103,8 @@ def fit(
     `step(batch)` computes the losses of one batch and their gradients and returns the values to
     log; `fit` zeroes the gradients before and steps the optimizers after it.
     `end_of_epoch(row)` gets the epoch's row of mean logged values and returns further values for
-    it (a test metric, say). Each epoch shows a progress
-    bar with the running means and ends with a one-line summary.
+    it (a test metric, say). Each epoch shows a progress bar with the running means and ends with
+    a one-line summary: the sum of the task losses and the values `end_of_epoch` added.
     """
     history = History()
     for epoch in range(1, epochs + 1):
@@ -134,9 +134,13 @@ def fit(
         for scheduler in schedulers:
             scheduler.step()
         row = {"epoch": epoch} | {name: total / max(count, 1) for name, total in sums.items()}
-        row |= end_of_epoch(row)
+        added = end_of_epoch(row)
+        row |= added
         history.rows.append(row)
-        summary = ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "epoch")
+        # One short line: the task losses' sum and what end_of_epoch adds; every logged value is
+        # in the history (the curves), not on this line.
+        loss = sum(v for k, v in row.items() if k == "loss" or k.startswith("loss_"))
+        summary = ", ".join([f"loss {loss:.4f}", *(f"{k} {v:.4f}" for k, v in added.items())])
         seconds = time.perf_counter() - started
         tqdm.write(f"{description} epoch {epoch}/{epochs}: {summary} ({seconds:.1f} s)")
     return history

@@ -20,3 +20,11 @@ def test_a_disabled_bar_writes_nothing(capsys):
     with progress_bar(range(10), enabled=False) as bar:
         assert list(bar) == list(range(10))
     assert capsys.readouterr().err == ""
+
+
+def test_a_short_transient_bar_leaves_nothing_in_a_log(capsys):
+    """An epoch's bar outside a terminal: its one-line summary follows, with no bar remnant."""
+    with progress_bar(range(50), desc="epoch 1/3", leave=False) as bar:
+        for _ in bar:
+            time.sleep(0.001)
+    assert capsys.readouterr().err == ""

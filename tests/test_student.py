@@ -203,6 +203,16 @@ def test_train_student_writes_checkpoint_and_curves(project: Path):
     curves = {p.stem for p in (project / "plots/student").iterdir()}
     assert {"loss_semseg", "loss_depth", "loss_normal", "test_mIoU", "test_abs_err"} <= curves
     assert {f"dist_{t}.{f}" for t in TASK_NAMES for f in ("bottleneck", "decoder")} <= curves
+    history = json.loads((project / "plots/student/loss_depth.json").read_text())
+    total = sum(
+        json.loads((project / f"plots/student/loss_{t}.json").read_text())[-1][f"loss_{t}"]
+        for t in TASK_NAMES
+    )
+    assert len(history) == 1
+    (line,) = [line for line in result.output.splitlines() if "student kd epoch 1/1:" in line]
+    assert len(line) < 160, line
+    assert line.startswith(f"student kd epoch 1/1: loss {total:.4f}, test_mIoU ")
+    assert "dist_" not in line
 
 
 def test_kd_from_the_cache_needs_no_teacher(project: Path, monkeypatch):
@@ -292,7 +302,8 @@ def test_online_kd_trains_from_the_teachers(project: Path):
     write_params(project, PARAMS | {"student": student})
     result = kdmtl("train-student")
     assert result.exit_code == 0, result.output
-    assert "dist_depth.decoder" in result.output
+    curve = json.loads((project / "plots/student/dist_depth.decoder.json").read_text())
+    assert curve[0]["dist_depth.decoder"] > 0
 
 
 def test_unknown_method_and_missing_kd_weight(project: Path):
