@@ -34,6 +34,8 @@ def kind_of(file: str, name: str) -> str:
         return "disk"
     if file.endswith("test_kills") or "kill" in name:
         return "kill"
+    if name.startswith("test_bad_input"):
+        return "bad"
     if file.endswith("test_store_damage") or "corrupt" in name or "edited" in name:
         return "corrupt"
     if file.endswith("test_paths"):
