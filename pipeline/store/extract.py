@@ -144,8 +144,9 @@ def extract(
 
     Shards already written, with their files as recorded, are skipped, so a killed run continues
     where it stopped."""
-    todo = sorted(set(shards) - store.intact_shards())
-    for shard in set(todo) & store.done_shards():
+    recorded = store.shard_problems()  # per recorded shard, how its files differ from the record
+    todo = sorted(set(shards) - {shard for shard, problems in recorded.items() if not problems})
+    for shard in set(todo) & recorded.keys():
         store.forget(shard)  # not done until written again, whatever happens meanwhile
     total = sum(stop - start for start, stop in map(store.shard_range, todo))
     teacher = teacher.to(device).eval()

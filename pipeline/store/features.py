@@ -270,11 +270,6 @@ class FeatureStore:
                 found[shard] = [problem for problem in problems if problem]
         return found
 
-    def intact_shards(self) -> set[int]:
-        """Written shards whose files still have the recorded sizes: a resumed extraction
-        rewrites the others."""
-        return {shard for shard, problems in self.shard_problems().items() if not problems}
-
     def mark_done(self, shard: int) -> None:
         """Record the shard's files, as written: from now on readers expect exactly these."""
         files = self.shard_files()
