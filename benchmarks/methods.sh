@@ -6,7 +6,7 @@
 #     METHODS="kd ew" SEEDS="0 1" benchmarks/methods.sh
 #
 # Run from the repository root after `dvc repro` and a commit of its outputs: the experiments then
-# rerun only train_student and evaluate. Writes reports/methods.md and reports/delta_mtl.png.
+# rerun only train_student and evaluate. Writes reports/methods.md, delta_mtl.png and curves.png.
 set -euo pipefail
 
 methods=${METHODS:-kd ew dwa uw gradnorm mgda}

@@ -11,7 +11,7 @@ from pipeline.models import Architecture
 from pipeline.tasks import Task, higher_is_better
 from pipeline.training import Batch, Metrics, evaluate
 from pipeline.visualize import colour_classes, colour_depth, colour_normals, grid
-from schemas.checkpoint import EvaluationReport
+from schemas.checkpoint import EvaluationHeadline, EvaluationReport, TaskHeadline
 
 
 def compare(
@@ -20,9 +20,11 @@ def compare(
     tasks: dict[str, Task],
     batches: Iterable[Batch],
     device: torch.device,
+    checkpoints: tuple[str, dict[str, str]],
 ) -> EvaluationReport:
     """Evaluate the student and each teacher on the same batches; Delta_MTL of the student with
-    the teachers as single-task baselines, overall and per task."""
+    the teachers as single-task baselines, overall and per task. `checkpoints` (the sha256 of the
+    student's checkpoint, and of each teacher's) goes into the report as is."""
     batches = list(batches)
     student_metrics = evaluate(student.to(device), tasks, batches, device)
     teacher_metrics: Metrics = {
@@ -41,6 +43,25 @@ def compare(
         delta_per_task=per_task,
         student=student_metrics,
         teachers=teacher_metrics,
+        student_checkpoint=checkpoints[0],
+        teacher_checkpoints=checkpoints[1],
+    )
+
+
+def headline(report: EvaluationReport, tasks: dict[str, Task]) -> EvaluationHeadline:
+    """The few numbers to compare runs by: Delta_MTL, and per task the main metric of student and
+    teacher, and the task's delta."""
+    return EvaluationHeadline(
+        delta_mtl=report.delta_mtl,
+        tasks={
+            name: TaskHeadline(
+                metric=task.main_metric,
+                student=report.student[name][task.main_metric],
+                teacher=report.teachers[name][task.main_metric],
+                delta=report.delta_per_task[name],
+            )
+            for name, task in tasks.items()
+        },
     )
 
 

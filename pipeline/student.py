@@ -1,6 +1,7 @@
 """The multi-task student: its training data, joined with the teachers' cached features, and its
 training loop (task losses weighted by a method, plus the distillation loss for `kd`)."""
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -168,6 +169,7 @@ def train_student(
     stores: dict[str, FeatureStore] | None = None,
     teachers: dict[str, Architecture] | None = None,
     progress: bool = True,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
 ) -> StudentResult:
     """Train a multi-task student and evaluate it on the test split after every epoch.
 
@@ -242,5 +244,6 @@ def train_student(
         end_of_epoch,
         description=f"student {config.method}",
         progress=progress,
+        on_epoch=on_epoch,
     )
     return StudentResult(model, history.rows, dict(last))

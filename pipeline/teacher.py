@@ -1,5 +1,6 @@
 """Training of one single-task teacher."""
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,7 @@ def train_teacher(
     seed: int,
     device: torch.device,
     progress: bool = True,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
 ) -> TeacherResult:
     """Train a one-head network on `task_name` and evaluate it, and the trivial baseline, on test.
 
@@ -80,6 +82,7 @@ def train_teacher(
         end_of_epoch,
         description=f"teacher {task_name}",
         progress=progress,
+        on_epoch=on_epoch,
     )
     baseline = task.baseline_output(store.dask("train", task_name))
     baseline_metrics = evaluate_constant({task_name: task}, {task_name: baseline}, test_batches)

@@ -97,6 +97,7 @@ def fit(
     end_of_epoch: Callable[[dict[str, float]], dict[str, float]],
     description: str,
     progress: bool = True,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
 ) -> History:
     """Run `epochs` passes over `batches`.
 
@@ -104,7 +105,8 @@ def fit(
     log; `fit` zeroes the gradients before and steps the optimizers after it.
     `end_of_epoch(row)` gets the epoch's row of mean logged values and returns further values for
     it (a test metric, say). Each epoch shows a progress bar with the running means and ends with
-    a one-line summary: the sum of the task losses and the values `end_of_epoch` added.
+    a one-line summary: the sum of the task losses and the values `end_of_epoch` added; then
+    `on_epoch(row)` gets the whole row (to log it while training runs).
     """
     history = History()
     for epoch in range(1, epochs + 1):
@@ -137,6 +139,8 @@ def fit(
         added = end_of_epoch(row)
         row |= added
         history.rows.append(row)
+        if on_epoch is not None:
+            on_epoch(row)
         # One short line: the task losses' sum and what end_of_epoch adds; every logged value is
         # in the history (the curves), not on this line.
         loss = sum(v for k, v in row.items() if k == "loss" or k.startswith("loss_"))

@@ -1,8 +1,8 @@
-"""Metadata stored in checkpoints beside the weights, and the metrics files of training stages."""
+"""Metadata stored in checkpoints beside the weights, and the evaluation's metrics files."""
 
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, model_serializer, model_validator
 
 from schemas.base import Contract
 from schemas.params import MAX_FILTERS, MAX_LEVELS, StudentParams, TrainParams
@@ -75,18 +75,59 @@ class StudentMetadata(CheckpointMetadata):
         return self
 
 
-class TeacherReport(Contract):
-    """`metrics/teachers/TASK.json`: the teacher's test metrics and the trivial baseline's."""
-
-    test: dict[str, float]
-    baseline: dict[str, float]
-    epochs: int
-
-
 class EvaluationReport(Contract):
-    """`metrics/eval.json`: the student against its teachers on the test split."""
+    """`metrics/details/eval.json`: every metric of the student and of its teachers on the test
+    split, Delta_MTL overall and per task, and the sha256 of each checkpoint evaluated."""
 
     delta_mtl: float
     delta_per_task: dict[str, float]
     student: dict[str, dict[str, float]]
     teachers: dict[str, dict[str, float]]
+    student_checkpoint: str
+    teacher_checkpoints: dict[str, str]
+
+
+class TaskHeadline(Contract):
+    metric: str  # the task's main metric
+    student: float
+    teacher: float
+    delta: float  # the task's Delta_MTL: the mean over all of its metrics
+
+
+class EvaluationHeadline(Contract):
+    """`metrics/eval.json`, the numbers that `dvc metrics show` and `dvc exp show` list: Delta_MTL
+    and, per task, the student's main metric, its teacher's and the task's delta. In the file:
+    `{"delta_mtl": D, TASK: {METRIC: S, "teacher_METRIC": T, "delta": d}, ...}`."""
+
+    delta_mtl: float
+    tasks: dict[str, TaskHeadline] = Field(min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_file(cls, data: object) -> object:
+        if not isinstance(data, dict) or "tasks" in data:
+            return data
+        tasks = {}
+        for task, values in data.items():
+            if task == "delta_mtl":
+                continue
+            if not isinstance(values, dict):
+                raise ValueError(f"{task}: expected {{METRIC, teacher_METRIC, delta}}")
+            metrics = [k for k in values if k != "delta" and not k.startswith("teacher_")]
+            if len(metrics) != 1 or len(values) != 3 or f"teacher_{metrics[0]}" not in values:
+                raise ValueError(f"{task}: expected {{METRIC, teacher_METRIC, delta}}")
+            metric = metrics[0]
+            tasks[task] = {
+                "metric": metric,
+                "student": values[metric],
+                "teacher": values[f"teacher_{metric}"],
+                "delta": values.get("delta"),
+            }
+        return {"delta_mtl": data.get("delta_mtl"), "tasks": tasks}
+
+    @model_serializer
+    def _to_file(self) -> dict[str, object]:
+        return {"delta_mtl": self.delta_mtl} | {
+            task: {t.metric: t.student, f"teacher_{t.metric}": t.teacher, "delta": t.delta}
+            for task, t in self.tasks.items()
+        }

@@ -169,46 +169,116 @@ def write_json(path: Path, value: object) -> None:
     write_atomically(path, lambda partial: partial.write_text(json.dumps(value, indent=2) + "\n"))
 
 
-def _is_curve(path: Path) -> bool:
-    """Whether `path` is a curve file that `write_curves` wrote."""
+class TrainingLog:
+    """A training run's values through DVCLive, in `folder`: `plots/metrics/train/NAME.tsv` and
+    `plots/metrics/test/NAME.tsv` (one row per epoch, step = epoch) and `metrics.json` (the latest
+    values, then the final ones), all rewritten after every epoch so that `dvc plots show` follows
+    a run. Opening it removes the folder's earlier curves: they describe the checkpoint this run
+    replaces. A folder holding a file that DVCLive would delete and kdmtl did not write is
+    refused; a run that fails leaves no curves."""
+
+    def __init__(self, folder: Path):
+        if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+            kind = "a symbolic link" if folder.is_symlink() else "a file"
+            raise KdmtlError(
+                f"{folder} is {kind}, not a folder of training curves: move it away or set "
+                "paths.metrics to another folder"
+            )
+        foreign = _foreign_files(folder)
+        if foreign:
+            raise KdmtlError(
+                f"{folder} holds files that kdmtl does not write ({', '.join(foreign[:3])}): "
+                "move them away or set paths.metrics to another folder"
+            )
+        from dvclive import Live  # its import opens DVC: only for the commands that train
+        from dvclive.env import DVCLIVE_RESUME
+        from dvclive.utils import env2bool
+
+        if env2bool(DVCLIVE_RESUME):
+            raise KdmtlError(
+                f"{DVCLIVE_RESUME} is set: DVCLive would add this run's curves to the last "
+                "run's, and kdmtl's training runs start anew; unset it"
+            )
+
+        class _Live(Live):
+            def _init_dvc(self) -> None:
+                # Outside a DVC project DVCLive would run `dvc init` in the enclosing git repo.
+                if _inside_dvc_project():
+                    super()._init_dvc()
+
+        self.folder = folder
+        self.live = _Live(str(folder), save_dvc_exp=False, dvcyaml=False)
+
+    def epoch(self, row: dict[str, float]) -> None:
+        self.live.step = int(row["epoch"])
+        for name, value in row.items():
+            if name != "epoch":
+                self.live.log_metric(_logged_name(name), value)
+        self.live.next_step()
+
+    def final(self, group: str, values: dict[str, float]) -> None:
+        """Values of the finished run, in `metrics.json` only (`group/NAME`)."""
+        for name, value in values.items():
+            self.live.log_metric(f"{group}/{name}", value, plot=False)
+
+    def __enter__(self) -> "TrainingLog":
+        return self
+
+    def __exit__(self, error_type, *_) -> None:
+        if error_type is None:
+            self.live.end()
+        else:
+            for path in _files(self.folder):
+                if _written_by_dvclive(self.folder, path):
+                    path.unlink()
+
+
+def _logged_name(name: str) -> str:
+    """`test_mIoU` -> `test/mIoU`; every other value is the training split's."""
+    return "test/" + name.removeprefix("test_") if name.startswith("test_") else f"train/{name}"
+
+
+def _inside_dvc_project() -> bool:
+    from dvc.exceptions import NotDvcRepoError
+    from dvc.repo import Repo
+
     try:
-        rows = json.loads(path.read_text())
-    except (OSError, ValueError):
+        Repo.find_root()
+    except NotDvcRepoError:
         return False
-    return (
-        isinstance(rows, list)
-        and bool(rows)
-        and all(isinstance(row, dict) and "epoch" in row for row in rows)
+    return True
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() or p.is_symlink())
+
+
+def _written_by_dvclive(folder: Path, path: Path) -> bool:
+    """Whether `path` is a file that TrainingLog writes."""
+    relative = path.relative_to(folder)
+    return not path.is_symlink() and (
+        relative.as_posix() == "metrics.json"
+        or (relative.parts[:2] == ("plots", "metrics") and relative.suffix == ".tsv")
     )
 
 
-def forget_reports(
-    curves: Path, metrics: Path | None = None, schema: type[BaseModel] | None = None
-) -> None:
-    """Remove the curves and the metrics file of a checkpoint that is about to be replaced, so
-    that a run killed before its new reports leaves none of the old checkpoint's. Only kdmtl's
-    own files go: curve files in the folder, and a metrics file that `schema` validates; any
-    other file at the metrics path is refused."""
-    if metrics is not None and (metrics.exists() or metrics.is_symlink()):
-        try:
-            schema.model_validate_json(metrics.read_bytes())
-        except (OSError, ValueError):
-            raise KdmtlError(
-                f"{metrics} exists and is not a kdmtl metrics file: move it away or set "
-                "paths.metrics to another folder"
-            ) from None
-        metrics.unlink()
-    if curves.is_dir():
-        for path in curves.glob("*.json"):
-            if _is_curve(path):
-                path.unlink()
+def _deleted_by_dvclive(folder: Path, path: Path) -> bool:
+    """Whether DVCLive's cleanup, when a run starts, deletes `path` (its `Live._init_cleanup`)."""
+    relative = path.relative_to(folder)
+    if relative.parts[0] == "plots" and len(relative.parts) > 2:
+        return relative.parts[1] in ("metrics", "images", "sklearn", "custom")
+    return len(relative.parts) == 1 and (
+        relative.name in ("metrics.json", "params.yaml", "report.html", "report.md")
+        or relative.name.endswith("dvc.yaml")
+    )
 
 
-def write_curves(folder: Path, rows: list[dict[str, float]]) -> None:
-    """One JSON file per logged value, `[{"epoch": e, NAME: v}, ...]`: DVC plots a folder of
-    them as one chart per file."""
-    for name in rows[0]:
-        if name != "epoch":
-            write_json(
-                folder / f"{name}.json", [{"epoch": r["epoch"], name: r[name]} for r in rows]
-            )
+def _foreign_files(folder: Path) -> list[str]:
+    """Files in `folder` that DVCLive would delete and kdmtl did not write."""
+    if not folder.exists():
+        return []
+    return [
+        path.relative_to(folder).as_posix()
+        for path in _files(folder)
+        if _deleted_by_dvclive(folder, path) and not _written_by_dvclive(folder, path)
+    ]

@@ -6,7 +6,7 @@ import click
 
 from pipeline.checkpoints import load_student
 from pipeline.errors import KdmtlError
-from pipeline.evaluation import compare, prediction_grid
+from pipeline.evaluation import compare, headline, prediction_grid
 from pipeline.files import sha256_file, write_atomically
 from pipeline.store.prepared import PreparedSplit, open_prepared
 from pipeline.store.stream import ChunkStream
@@ -22,8 +22,9 @@ GRID_IMAGES = 4
 @params_option
 @user_errors
 def command(params: Params) -> None:
-    """Evaluate the student and every teacher on the test split: metrics/eval.json with
-    Delta_MTL, and a picture of predictions under plots/eval/."""
+    """Evaluate the student and every teacher on the test split: METRICS/eval.json (Delta_MTL and
+    each task's main metric and delta), METRICS/details/eval.json (every metric), and a picture of
+    predictions, PLOTS/eval/predictions.png."""
     prepared = open_prepared(Path(params.paths.prepared))
     student_path = Path(params.paths.student)
     if not student_path.is_file():
@@ -31,11 +32,12 @@ def command(params: Params) -> None:
     student, metadata = load_student(student_path)
     if metadata.prepared_fingerprint != prepared.manifest.fingerprint:
         raise KdmtlError(f"{student_path} was trained on other prepared data than {prepared.path}")
-    teachers = {}
+    teachers, teacher_checkpoints = {}, {}
     for task in metadata.tasks:
         teachers[task], _, path = load_current_teacher(params, task, prepared)
+        teacher_checkpoints[task] = sha256_file(path)
         distilled = metadata.distilled_from.get(task)
-        if distilled is not None and distilled != sha256_file(path):
+        if distilled is not None and distilled != teacher_checkpoints[task]:
             raise KdmtlError(
                 f"{student_path} was distilled from another {task} teacher than {path}: "
                 "run `kdmtl train-student` again (or `dvc repro`)"
@@ -43,8 +45,11 @@ def command(params: Params) -> None:
     tasks = make_tasks(metadata.tasks, prepared.manifest.num_classes)
     device = resolve_device(params.device)
     test = ChunkStream(PreparedSplit(prepared, "test", metadata.tasks), 32, shuffle=False)
-    report = compare(student, teachers, tasks, test, device)
-    write_json(Path(params.paths.metrics) / "eval.json", report.model_dump())
+    checkpoints = (sha256_file(student_path), teacher_checkpoints)
+    report = compare(student, teachers, tasks, test, device, checkpoints)
+    metrics = Path(params.paths.metrics)
+    write_json(metrics / "details" / "eval.json", report.model_dump())
+    write_json(metrics / "eval.json", headline(report, tasks).model_dump())
     first = next(iter(ChunkStream(test.source, GRID_IMAGES, shuffle=False)))
     picture = prediction_grid(student, teachers, tasks, first, device)
     png = Path(params.paths.plots) / "eval" / "predictions.png"
@@ -61,4 +66,4 @@ def command(params: Params) -> None:
             f"task delta {report.delta_per_task[task]:+.2f}%, the mean over its "
             f"{len(report.student[task])} metrics"
         )
-    click.echo(f"wrote {Path(params.paths.metrics) / 'eval.json'} and {png}")
+    click.echo(f"wrote {metrics / 'eval.json'}, {metrics / 'details' / 'eval.json'} and {png}")

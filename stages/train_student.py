@@ -14,22 +14,16 @@ from pipeline.student import check_stores, train_student
 from pipeline.training import resolve_device
 from schemas.checkpoint import ModelSpec, StudentMetadata
 from schemas.params import Params
-from stages.common import (
-    forget_reports,
-    load_current_teacher,
-    params_option,
-    user_errors,
-    write_curves,
-)
+from stages.common import TrainingLog, load_current_teacher, params_option, user_errors
 
 
 @click.command("train-student")
 @params_option
 @user_errors
 def command(params: Params) -> None:
-    """Train the multi-task student: from the cached teacher features (method kd), or plain."""
+    """Train the multi-task student: from the cached teacher features (method kd), or plain; its
+    curves and final metrics go to METRICS/student/ (DVCLive), updated after every epoch."""
     student_path = Path(params.paths.student)
-    curves = Path(params.paths.plots) / "student"
     # Before training, not after: refuse what kdmtl must not replace.
     ensure_replaceable(student_path, StudentMetadata.model_fields["kind"].default)
     prepared = open_prepared(Path(params.paths.prepared))
@@ -55,32 +49,34 @@ def command(params: Params) -> None:
         for task in params.tasks:
             teachers[task], _, checkpoint = load_current_teacher(params, task, prepared)
             distilled_from[task] = sha256_file(checkpoint)
-    forget_reports(curves)  # they describe the checkpoint that this run replaces
     model = params.student_model
-    result = train_student(
-        prepared,
-        params.tasks,
-        model,
-        config,
-        params.loader,
-        resolve_device(params.device),
-        augment=params.data.augment,
-        stores=stores,
-        teachers=teachers,
-    )
-    metadata = StudentMetadata(
-        tasks=params.tasks,
-        model=ModelSpec(arch=model.arch, filters=model.filters, heads=result.model.heads),
-        train=config,
-        augment=params.data.augment,
-        prepared_fingerprint=prepared.manifest.fingerprint,
-        distilled_from=distilled_from,
-        class_names=prepared.manifest.class_names,
-        test_metrics=result.test_metrics,
-        kdmtl_version=__version__,
-    )
-    save_checkpoint(student_path, result.model, metadata)
-    write_curves(curves, result.history)
+    with TrainingLog(Path(params.paths.metrics) / "student") as log:
+        result = train_student(
+            prepared,
+            params.tasks,
+            model,
+            config,
+            params.loader,
+            resolve_device(params.device),
+            augment=params.data.augment,
+            stores=stores,
+            teachers=teachers,
+            on_epoch=log.epoch,
+        )
+        metadata = StudentMetadata(
+            tasks=params.tasks,
+            model=ModelSpec(arch=model.arch, filters=model.filters, heads=result.model.heads),
+            train=config,
+            augment=params.data.augment,
+            prepared_fingerprint=prepared.manifest.fingerprint,
+            distilled_from=distilled_from,
+            class_names=prepared.manifest.class_names,
+            test_metrics=result.test_metrics,
+            kdmtl_version=__version__,
+        )
+        save_checkpoint(student_path, result.model, metadata)
+        for task, metrics in result.test_metrics.items():
+            log.final(f"test/{task}", metrics)
     shown = "; ".join(
         f"{task} " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
         for task, metrics in result.test_metrics.items()

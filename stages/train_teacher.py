@@ -9,16 +9,9 @@ from pipeline.checkpoints import ensure_replaceable, save_checkpoint
 from pipeline.store.prepared import open_prepared
 from pipeline.teacher import train_teacher
 from pipeline.training import resolve_device
-from schemas.checkpoint import ModelSpec, TeacherMetadata, TeacherReport
+from schemas.checkpoint import ModelSpec, TeacherMetadata
 from schemas.params import Params
-from stages.common import (
-    choose_task,
-    forget_reports,
-    params_option,
-    user_errors,
-    write_curves,
-    write_json,
-)
+from stages.common import TrainingLog, choose_task, params_option, user_errors
 
 
 @click.command("train-teacher")
@@ -26,38 +19,41 @@ from stages.common import (
 @params_option
 @user_errors
 def command(task: str, params: Params) -> None:
-    """Train one single-task teacher on the prepared data."""
+    """Train one single-task teacher on the prepared data; its curves and final metrics go to
+    METRICS/teachers/TASK/ (DVCLive), updated after every epoch."""
     choose_task(task, params)
     checkpoint = Path(params.paths.teachers) / f"{task}.pt"
-    metrics = Path(params.paths.metrics) / "teachers" / f"{task}.json"
-    curves = Path(params.paths.plots) / "teachers" / task
     # Before training, not after: refuse what kdmtl must not replace.
     ensure_replaceable(checkpoint, TeacherMetadata.model_fields["kind"].default)
     store = open_prepared(Path(params.paths.prepared))
     store.check_matches(params.data)
-    forget_reports(curves, metrics, TeacherReport)  # of the checkpoint this run replaces
     train = params.teacher.for_task(task)
-    result = train_teacher(
-        store, task, params.model, train, params.loader, params.seed, resolve_device(params.device)
-    )
-    metadata = TeacherMetadata(
-        task=task,
-        model=ModelSpec(
-            arch=params.model.arch, filters=params.model.filters, heads=result.model.heads
-        ),
-        train=train,
-        seed=params.seed,
-        prepared_fingerprint=store.manifest.fingerprint,
-        class_names=store.manifest.class_names,
-        test_metrics=result.test_metrics,
-        kdmtl_version=__version__,
-    )
-    save_checkpoint(checkpoint, result.model, metadata)
-    report = TeacherReport(
-        test=result.test_metrics, baseline=result.baseline_metrics, epochs=train.epochs
-    )
-    write_json(metrics, report.model_dump())
-    write_curves(curves, result.history)
+    with TrainingLog(Path(params.paths.metrics) / "teachers" / task) as log:
+        result = train_teacher(
+            store,
+            task,
+            params.model,
+            train,
+            params.loader,
+            params.seed,
+            resolve_device(params.device),
+            on_epoch=log.epoch,
+        )
+        metadata = TeacherMetadata(
+            task=task,
+            model=ModelSpec(
+                arch=params.model.arch, filters=params.model.filters, heads=result.model.heads
+            ),
+            train=train,
+            seed=params.seed,
+            prepared_fingerprint=store.manifest.fingerprint,
+            class_names=store.manifest.class_names,
+            test_metrics=result.test_metrics,
+            kdmtl_version=__version__,
+        )
+        save_checkpoint(checkpoint, result.model, metadata)
+        log.final("test", result.test_metrics)
+        log.final("baseline", result.baseline_metrics)
     shown = ", ".join(f"{k} {v:.4f}" for k, v in result.test_metrics.items())
     base = ", ".join(f"{k} {v:.4f}" for k, v in result.baseline_metrics.items())
     click.echo(f"wrote {checkpoint}: test {shown}\n  trivial baseline: {base}")

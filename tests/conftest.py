@@ -67,6 +67,20 @@ def refused(command: tuple[str, ...], *fragments: str) -> str:
     return result.output
 
 
+def curve(folder: Path, name: str) -> dict[int, float]:
+    """A curve that a training run logged with DVCLive, FOLDER/plots/metrics/NAME.tsv (NAME such
+    as `train/loss`): epoch -> value."""
+    lines = (folder / "plots/metrics" / f"{name}.tsv").read_text().splitlines()
+    assert lines[0] == f"step\t{name.split('/')[-1]}", lines[0]
+    return {int(step): float(value) for step, value in (line.split("\t") for line in lines[1:])}
+
+
+def curve_names(folder: Path) -> set[str]:
+    """The curves of a training run's DVCLive folder, as `train/NAME` and `test/NAME`."""
+    root = folder / "plots/metrics"
+    return {p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.tsv")}
+
+
 def files_under(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file())
 

@@ -1,6 +1,8 @@
 """The command line as installed, the DVC pipeline, and the direction of imports between layers."""
 
 import ast
+import json
+import re
 import sys
 from pathlib import Path
 
@@ -15,9 +17,10 @@ from conftest import (
     kdmtl,
     killed,
     run,
-    write_repo_params,
 )
+from PIL import Image
 
+from pipeline.report import flatten_params
 from pipeline.store.features import FeatureStore
 from pipeline.store.prepared import open_prepared
 from stages.cli import main
@@ -46,16 +49,33 @@ def test_the_console_script_is_installed(tmp_path: Path):
     assert "prepare" in result.stdout
 
 
-def test_dvc_repro_reruns_only_what_changed_and_loses_nothing(tmp_path: Path):
-    copy_project(tmp_path, TINY_PARAMS)
-    dvc("init", "--no-scm", "-q", cwd=tmp_path)
+def git(*args: str, cwd: Path) -> None:
+    result = run("git", *args, cwd=cwd)
+    assert result.returncode == 0, result.stderr
+
+
+def fresh_clone(folder: Path) -> None:
+    """The pipeline as a fresh clone holds it: a git repository with DVC, and no outputs."""
+    copy_project(folder, TINY_PARAMS)
+    (folder / ".gitignore").write_text((REPO / ".gitignore").read_text())
+    git("init", "-q", cwd=folder)
+    git("config", "user.email", "tests@kdmtl.invalid", cwd=folder)
+    git("config", "user.name", "kdmtl tests", cwd=folder)
+    dvc("init", "-q", cwd=folder)
+    git("add", "-A", cwd=folder)
+    git("commit", "-qm", "fresh clone", cwd=folder)
+
+
+def test_dvc_pipeline_and_experiments_from_a_fresh_clone(tmp_path: Path):
+    """The README's way: `dvc repro`, commit, experiments, `kdmtl report`; then a params mistake
+    and a killed extraction under `dvc repro`."""
+    fresh_clone(tmp_path)
     first = dvc("repro", cwd=tmp_path)
     for task in ("semseg", "depth", "normal"):
         for stage in ("train_teacher", "extract_features"):
             assert f"Running stage '{stage}@{task}'" in first
     assert FeatureStore.open(tmp_path / "features" / "normal.zarr").manifest.complete
     assert "Running stage 'train_student'" in first and "Running stage 'evaluate'" in first
-    assert (tmp_path / "metrics" / "eval.json").is_file()
     store = open_prepared(tmp_path / "data" / "prepared.zarr")
     assert store.manifest.splits["train"].num_samples == 12
     assert {p.name for p in (tmp_path / "models" / "teachers").iterdir()} == {
@@ -63,33 +83,75 @@ def test_dvc_repro_reruns_only_what_changed_and_loses_nothing(tmp_path: Path):
         "depth.pt",
         "normal.pt",
     }
-
     assert "didn't change, skipping" in dvc("repro", cwd=tmp_path)
-    metrics = dvc("metrics", "show", cwd=tmp_path)
-    assert "metrics/teachers/depth.json" in metrics and "test.mIoU" in metrics
+
+    # The headline only: Delta_MTL, and per task the main metrics of student and teacher.
+    metrics = dvc("metrics", "show", "--json", cwd=tmp_path)
+    (shown,) = json.loads(metrics).values()
+    assert list(shown["data"]) == ["metrics/eval.json"]
+    assert set(flatten_params(shown["data"]["metrics/eval.json"]["data"])) == {
+        "delta_mtl",
+        "semseg.delta",
+        "depth.delta",
+        "normal.delta",
+        "semseg.mIoU",
+        "semseg.teacher_mIoU",
+        "depth.abs_err",
+        "depth.teacher_abs_err",
+        "normal.mean_angle",
+        "normal.teacher_mean_angle",
+    }
     dvc("plots", "show", cwd=tmp_path)
     html = (tmp_path / "dvc_plots" / "index.html").read_text()
-    assert "plots/teachers/normal/test_mean_angle.json" in html
-    assert "plots/student/dist_depth.decoder.json" in html
+    assert "metrics/teachers/normal/plots/metrics/test/mean_angle.tsv" in html
+    assert "metrics/student/plots/metrics/train/dist_depth.decoder.tsv" in html
     assert "predictions.png" in html
-    assert "delta_mtl" in metrics
 
-    teacher = TINY_PARAMS["teacher"] | {
-        "overrides": {"semseg": {}, "depth": {"lr": 0.01}, "normal": {}}
-    }
-    write_repo_params(tmp_path, TINY_PARAMS | {"teacher": teacher})
-    again = dvc("repro", cwd=tmp_path)
-    assert "Running stage 'train_teacher@depth'" in again
-    assert "Running stage 'extract_features@depth'" in again
-    assert "Running stage 'train_student'" in again
-    assert "Running stage 'train_teacher@semseg'" not in again
-    assert "Running stage 'train_teacher@normal'" not in again
+    git("add", "-A", cwd=tmp_path)
+    git("commit", "-qm", "pipeline outputs", cwd=tmp_path)
+    # As the README says: beside the workspace, which stays at the commit. "+" adds a key.
+    dvc("exp", "run", "--temp", "-n", "plain-ew", "-S", "student.method=ew", cwd=tmp_path)
+    depth_lr = ("-n", "depth-lr", "-S", "+teacher.overrides.depth.lr=0.01")
+    other = dvc("exp", "run", "--temp", *depth_lr, cwd=tmp_path)
+    assert "Running stage 'train_teacher@depth'" in other
+    assert "Running stage 'extract_features@depth'" in other
+    assert "Running stage 'train_teacher@semseg'" not in other
+    assert "Running stage 'train_teacher@normal'" not in other
+
+    report = run(str(BIN / "kdmtl"), "report", cwd=tmp_path)
+    assert report.returncode == 0, report.stderr
+    table = (tmp_path / "reports" / "methods.md").read_text()
+    assert table in report.stdout and "note:" not in report.stdout
+    # Rows never mix teachers: the commit's (also the workspace's) and plain-ew's share theirs,
+    # depth-lr has its own; each row names its runs.
+    kd_rows = [line for line in table.splitlines() if line.startswith("| kd | 0 |")]
+    assert len(kd_rows) == 2, table
+    first, second = table.split("## Teachers ")[1:]
+    commit = next(line for line in first.splitlines() if line.startswith("| kd | 0 |"))
+    assert re.search(r"\| \w+ \([0-9a-f]{7}\), workspace \|$", commit), table  # branch (commit)
+    assert "| ew | 0 |" in first and first.count("plain-ew") == 1
+    assert second.startswith("B") and "depth-lr |" in second and "| ew |" not in second
+    assert "3 runs, 2 sets of teachers" in report.stdout
+    for name in ("delta_mtl.png", "curves.png"):
+        picture = Image.open(tmp_path / "reports" / name)
+        assert picture.size[0] > 300 and picture.size[1] > 60
+
+    # A workspace whose params changed since its outputs were made is not a run.
+    params = (tmp_path / "params.yaml").read_text()
+    (tmp_path / "params.yaml").write_text(params.replace("kd_source: cache", "kd_source: online"))
+    report = run(str(BIN / "kdmtl"), "report", cwd=tmp_path)
+    assert report.returncode == 0, report.stderr
+    assert "note: the workspace is left out: its outputs are not those of its params" in (
+        report.stdout
+    )
+    assert "workspace |" not in (tmp_path / "reports" / "methods.md").read_text()
+    (tmp_path / "params.yaml").write_text(params)
 
     loses_nothing_to_a_params_mistake_and_resumes_an_extraction(tmp_path)
 
 
 def outputs_of(folder: Path) -> dict[str, bytes]:
-    kept = ("data", "models", "features", "metrics", "plots")
+    kept = ("data", "models", "features", "metrics", "plots", "reports")
     return {
         str(p.relative_to(folder)): p.read_bytes()
         for name in kept

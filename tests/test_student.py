@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_PARAMS, kdmtl, write_params
+from conftest import TINY_PARAMS, curve, curve_names, kdmtl, write_params
 from PIL import Image
 
 import pipeline.student
@@ -17,13 +17,14 @@ from pipeline.augment import apply_view
 from pipeline.checkpoints import load_teacher, save_checkpoint
 from pipeline.distill import Distiller, feature_distance
 from pipeline.errors import DataError
+from pipeline.files import sha256_file
 from pipeline.metrics import delta_mtl
 from pipeline.models import build_model
 from pipeline.store.features import FeatureStore
 from pipeline.store.prepared import open_prepared
 from pipeline.student import StudentSource, build_distiller
 from pipeline.tasks import TASKS, higher_is_better, make_tasks
-from schemas.checkpoint import EvaluationReport, StudentMetadata
+from schemas.checkpoint import EvaluationHeadline, EvaluationReport, StudentMetadata
 from schemas.params import StudentParams
 
 TASK_NAMES = ["semseg", "depth", "normal"]
@@ -200,15 +201,16 @@ def test_train_student_writes_checkpoint_and_curves(project: Path):
     assert metadata.tasks == TASK_NAMES
     assert metadata.model.heads == {"semseg": 7, "depth": 1, "normal": 3}
     assert set(metadata.distilled_from) == set(TASK_NAMES)
-    curves = {p.stem for p in (project / "plots/student").iterdir()}
-    assert {"loss_semseg", "loss_depth", "loss_normal", "test_mIoU", "test_abs_err"} <= curves
-    assert {f"dist_{t}.{f}" for t in TASK_NAMES for f in ("bottleneck", "decoder")} <= curves
-    history = json.loads((project / "plots/student/loss_depth.json").read_text())
-    total = sum(
-        json.loads((project / f"plots/student/loss_{t}.json").read_text())[-1][f"loss_{t}"]
-        for t in TASK_NAMES
-    )
-    assert len(history) == 1
+    log = project / "metrics/student"
+    curves = curve_names(log)
+    assert {f"train/loss_{t}" for t in TASK_NAMES} <= curves
+    assert {"test/mIoU", "test/abs_err", "test/mean_angle"} <= curves
+    assert {f"train/dist_{t}.{f}" for t in TASK_NAMES for f in ("bottleneck", "decoder")} <= curves
+    assert list(curve(log, "train/loss_depth")) == [1]
+    total = sum(curve(log, f"train/loss_{t}")[1] for t in TASK_NAMES)
+    summary = json.loads((log / "metrics.json").read_text())
+    assert summary["step"] == 1 and summary["test"]["semseg"] == metadata.test_metrics["semseg"]
+    assert summary["test"]["mIoU"] == curve(log, "test/mIoU")[1]
     (line,) = [line for line in result.output.splitlines() if "student kd epoch 1/1:" in line]
     assert len(line) < 160, line
     assert line.startswith(f"student kd epoch 1/1: loss {total:.4f}, test_mIoU ")
@@ -231,8 +233,7 @@ def test_ew_needs_no_feature_store(project: Path):
     write_params(project, PARAMS | {"student": PARAMS["student"] | {"method": "ew"}})
     result = kdmtl("train-student")
     assert result.exit_code == 0, result.output
-    curves = {p.stem for p in (project / "plots/student").iterdir()}
-    assert not any(name.startswith("dist_") for name in curves)
+    assert not any("dist_" in name for name in curve_names(project / "metrics/student"))
 
 
 def test_a_stale_store_is_refused_naming_it(project: Path):
@@ -302,8 +303,7 @@ def test_online_kd_trains_from_the_teachers(project: Path):
     write_params(project, PARAMS | {"student": student})
     result = kdmtl("train-student")
     assert result.exit_code == 0, result.output
-    curve = json.loads((project / "plots/student/dist_depth.decoder.json").read_text())
-    assert curve[0]["dist_depth.decoder"] > 0
+    assert curve(project / "metrics/student", "train/dist_depth.decoder")[1] > 0
 
 
 def test_unknown_method_and_missing_kd_weight(project: Path):
@@ -325,7 +325,9 @@ def test_evaluate_compares_the_student_with_its_teachers(project: Path):
     result = kdmtl("evaluate")
     assert result.exit_code == 0, result.output
     assert "Delta_MTL of the student against its teachers:" in result.output
-    report = EvaluationReport.model_validate_json((project / "metrics/eval.json").read_text())
+    report = EvaluationReport.model_validate_json(
+        (project / "metrics/details/eval.json").read_text()
+    )
     semseg = (
         f"  semseg: mIoU student {report.student['semseg']['mIoU']:.4f}, teacher "
         f"{report.teachers['semseg']['mIoU']:.4f}; task delta "
@@ -336,9 +338,35 @@ def test_evaluate_compares_the_student_with_its_teachers(project: Path):
     assert set(report.student) == set(report.teachers) == set(TASK_NAMES)
     for task in TASK_NAMES:
         assert set(report.student[task]) == set(TASKS[task].directions)
-        teacher_metrics = json.loads((project / f"metrics/teachers/{task}.json").read_text())
+        log = project / f"metrics/teachers/{task}/metrics.json"
+        teacher_metrics = json.loads(log.read_text())
         for metric, value in report.teachers[task].items():
             assert value == pytest.approx(teacher_metrics["test"][metric], rel=1e-6)
+    assert report.student_checkpoint == sha256_file(project / "models/student.pt")
+    assert report.teacher_checkpoints == {
+        t: sha256_file(project / f"models/teachers/{t}.pt") for t in TASK_NAMES
+    }
+    # The headline: what `dvc metrics show` lists.
+    headline = json.loads((project / "metrics/eval.json").read_text())
+    assert headline == {
+        "delta_mtl": report.delta_mtl,
+        "semseg": {
+            "mIoU": report.student["semseg"]["mIoU"],
+            "teacher_mIoU": report.teachers["semseg"]["mIoU"],
+            "delta": report.delta_per_task["semseg"],
+        },
+        "depth": {
+            "abs_err": report.student["depth"]["abs_err"],
+            "teacher_abs_err": report.teachers["depth"]["abs_err"],
+            "delta": report.delta_per_task["depth"],
+        },
+        "normal": {
+            "mean_angle": report.student["normal"]["mean_angle"],
+            "teacher_mean_angle": report.teachers["normal"]["mean_angle"],
+            "delta": report.delta_per_task["normal"],
+        },
+    }
+    assert EvaluationHeadline.model_validate(headline).model_dump() == headline
     recomputed = delta_mtl(report.teachers, report.student, higher_is_better(tasks))
     assert report.delta_mtl == pytest.approx(recomputed)
     assert report.delta_mtl == pytest.approx(sum(report.delta_per_task.values()) / 3)
@@ -362,9 +390,9 @@ def test_every_method_trains_and_logs_its_weights(project: Path, method: str, we
     write_params(project, PARAMS | {"student": student})
     result = kdmtl("train-student")
     assert result.exit_code == 0, result.output
-    curves = {p.stem for p in (project / "plots/student").iterdir()}
-    assert {"weight_semseg", "weight_depth", "weight_normal"} <= curves
-    assert any(name.startswith("dist_") for name in curves) == (method == "kd")
+    curves = curve_names(project / "metrics/student")
+    assert {"train/weight_semseg", "train/weight_depth", "train/weight_normal"} <= curves
+    assert any(name.startswith("train/dist_") for name in curves) == (method == "kd")
 
 
 def test_an_mtan_student_distils_its_attended_features(project: Path):

@@ -1,14 +1,15 @@
 """`kdmtl train-teacher`: outputs, determinism, errors, and teachers that really learn."""
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_PARAMS, kdmtl, write_params
+from conftest import TINY_PARAMS, curve, curve_names, kdmtl, write_params
 
 from pipeline.checkpoints import load_teacher
-from schemas.checkpoint import TeacherMetadata, TeacherReport
+from schemas.checkpoint import TeacherMetadata
 
 
 @pytest.fixture
@@ -31,17 +32,15 @@ def test_writes_checkpoint_metrics_and_curves(prepared: Path):
     model, _ = load_teacher(prepared / "models/teachers/depth.pt")
     assert not model.training
 
-    report = TeacherReport.model_validate_json(
-        (prepared / "metrics/teachers/depth.json").read_text()
-    )
-    assert set(report.test) == {"abs_err", "rel_err"} == set(report.baseline)
-    assert report.test == metadata.test_metrics
-    curves = prepared / "plots/teachers/depth"
-    assert sorted(p.name for p in curves.iterdir()) == ["loss.json", "test_abs_err.json"]
-    loss = json.loads((curves / "loss.json").read_text())
-    assert [row["epoch"] for row in loss] == [1, 2] and loss[0]["loss"] > 0
-    test_error = json.loads((curves / "test_abs_err.json").read_text())
-    assert test_error[-1]["test_abs_err"] == pytest.approx(report.test["abs_err"])
+    log = prepared / "metrics/teachers/depth"
+    summary = json.loads((log / "metrics.json").read_text())
+    assert set(summary) == {"step", "train", "test", "baseline"} and summary["step"] == 2
+    assert set(summary["test"]) == {"abs_err", "rel_err"} == set(summary["baseline"])
+    assert summary["test"] == metadata.test_metrics
+    assert curve_names(log) == {"train/loss", "test/abs_err"}
+    loss = curve(log, "train/loss")
+    assert list(loss) == [1, 2] and loss[1] > 0 and summary["train"]["loss"] == loss[2]
+    assert curve(log, "test/abs_err")[2] == pytest.approx(summary["test"]["abs_err"])
 
 
 def test_training_is_deterministic_on_cpu(prepared: Path):
@@ -62,8 +61,8 @@ def test_overrides_change_one_teacher_only(prepared: Path):
     )
     for task in ("normal", "depth"):
         assert kdmtl("train-teacher", "--teacher", task).exit_code == 0
-    assert len(json.loads((prepared / "plots/teachers/normal/loss.json").read_text())) == 1
-    assert len(json.loads((prepared / "plots/teachers/depth/loss.json").read_text())) == 2
+    assert list(curve(prepared / "metrics/teachers/normal", "train/loss")) == [1]
+    assert list(curve(prepared / "metrics/teachers/depth", "train/loss")) == [1, 2]
 
 
 def test_unknown_teacher_lists_the_tasks(prepared: Path):
@@ -107,9 +106,17 @@ def test_teachers_beat_the_trivial_baseline(project: Path):
     reports = {}
     for task in ("semseg", "depth", "normal"):
         assert kdmtl("train-teacher", "--teacher", task).exit_code == 0
-        path = project / "metrics" / "teachers" / f"{task}.json"
-        reports[task] = TeacherReport.model_validate_json(path.read_text())
+        path = project / "metrics" / "teachers" / task / "metrics.json"
+        reports[task] = json.loads(path.read_text())
     semseg, depth, normal = reports["semseg"], reports["depth"], reports["normal"]
-    assert semseg.test["mIoU"] > 2 * semseg.baseline["mIoU"]
-    assert depth.test["abs_err"] < 0.7 * depth.baseline["abs_err"]
-    assert normal.test["mean_angle"] < 0.75 * normal.baseline["mean_angle"]
+    assert semseg["test"]["mIoU"] > 2 * semseg["baseline"]["mIoU"]
+    assert depth["test"]["abs_err"] < 0.7 * depth["baseline"]["abs_err"]
+    assert normal["test"]["mean_angle"] < 0.75 * normal["baseline"]["mean_angle"]
+
+
+def test_logging_outside_a_dvc_project_leaves_the_git_repository_alone(prepared: Path):
+    """DVCLive, left to itself, would run `dvc init` in an enclosing git repository."""
+    subprocess.run(["git", "init", "-q"], cwd=prepared, check=True)
+    assert kdmtl("train-teacher", "--teacher", "depth").exit_code == 0
+    assert not (prepared / ".dvc").exists()
+    assert list(curve(prepared / "metrics/teachers/depth", "train/loss")) == [1, 2]

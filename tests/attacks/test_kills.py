@@ -1,15 +1,17 @@
 """SIGKILL at the worst moments of each stage: nothing half-written is trusted, nothing is left
-behind after the next run, and no report describes another checkpoint than the one in place.
+behind after the next run, and no finished report describes another checkpoint than the one in
+place (a training run's curves show it while it runs: killed, they show the epochs it finished).
 
 Each case runs the command in a child process that kills itself (SIGKILL: no cleanup runs) right
 before one function's n-th call (`conftest.killed`).
 """
 
+import json
 import shutil
 from pathlib import Path
 
 import pytest
-from conftest import kdmtl, killed
+from conftest import OUTPUT_PARAMS, curve, kdmtl, killed, write_params
 
 from pipeline.store.features import FeatureStore
 from pipeline.store.prepared import open_prepared
@@ -78,29 +80,41 @@ def test_kill_inside_a_chunk_write_leaves_a_temporary_file_that_the_rerun_remove
 
 
 @pytest.mark.parametrize(
-    ("command", "target", "reports"),
+    ("command", "checkpoint", "log", "curve_name"),
     [
         (
             ("train-teacher", "--teacher", "depth"),
-            "stages.train_teacher:write_json",
-            ["metrics/teachers/depth.json", "plots/teachers/depth/loss.json"],
+            "models/teachers/depth.pt",
+            "metrics/teachers/depth",
+            "train/loss",
         ),
-        (
-            ("train-student",),
-            "stages.train_student:write_curves",
-            ["plots/student/loss_depth.json"],
-        ),
+        (("train-student",), "models/student.pt", "metrics/student", "train/loss_depth"),
     ],
     ids=["teacher", "student"],
 )
-def test_kill_between_a_checkpoint_and_its_reports_leaves_no_stale_report(
-    outputs: Path, command: tuple[str, ...], target: str, reports: list[str]
+def test_kill_while_training_keeps_the_checkpoint_and_the_rerun_starts_the_curves_anew(
+    outputs: Path,
+    command: tuple[str, ...],
+    checkpoint: str,
+    log: str,
+    curve_name: str,
 ):
-    for report in reports:
-        assert (outputs / report).is_file()
-    killed(outputs, target, *command)
-    for report in reports:
-        assert not (outputs / report).exists(), report
+    two_epochs = {"epochs": 2, "batch_size": 4}
+    write_params(outputs, OUTPUT_PARAMS | {"teacher": two_epochs, "student": two_epochs})
+    before = (outputs / checkpoint).read_bytes()
+    killed(outputs, "stages.common:TrainingLog.epoch", *command, nth=2)
+    assert (outputs / checkpoint).read_bytes() == before
+    # The old checkpoint's curves went when the run started; the killed run's show its epoch 1.
+    assert list(curve(outputs / log, curve_name)) == [1]
     assert kdmtl(*command).exit_code == 0
-    for report in reports:
-        assert (outputs / report).is_file(), report
+    assert list(curve(outputs / log, curve_name)) == [1, 2]
+    assert json.loads((outputs / log / "metrics.json").read_text())["step"] == 2
+
+
+def test_kill_between_a_checkpoint_and_its_final_metrics_leaves_no_stale_summary(outputs: Path):
+    killed(outputs, "stages.common:TrainingLog.final", "train-teacher", "--teacher", "depth")
+    summary = json.loads((outputs / "metrics/teachers/depth/metrics.json").read_text())
+    assert "baseline" not in summary  # the new run's, unfinished: not the old checkpoint's
+    assert kdmtl("train-teacher", "--teacher", "depth").exit_code == 0
+    summary = json.loads((outputs / "metrics/teachers/depth/metrics.json").read_text())
+    assert set(summary["baseline"]) == {"abs_err", "rel_err"}

@@ -4,6 +4,7 @@ Each refusal is one message naming the path and the params key to change, exit s
 person's files are left byte for byte as they were.
 """
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -154,14 +155,34 @@ def test_path_store_that_is_a_symbolic_link_is_refused(outputs: Path, store: str
     assert snapshot(real) == before and (outputs / store).is_symlink()
 
 
-def test_path_plots_folder_keeps_someones_files(outputs: Path):
-    curves = outputs / "plots/student"
-    (curves / "notes.txt").write_text("keep me\n")
-    (curves / "settings.json").write_text('{"theme": "dark"}\n')
+def test_path_training_log_folder_keeps_someones_files(outputs: Path):
+    log = outputs / "metrics/student"
+    (log / "notes.txt").write_text("keep me\n")
+    (log / "plots/settings.json").write_text('{"theme": "dark"}\n')
     assert kdmtl("train-student").exit_code == 0
-    assert (curves / "notes.txt").read_text() == "keep me\n"
-    assert (curves / "settings.json").read_text() == '{"theme": "dark"}\n'
-    assert (curves / "loss_depth.json").is_file()
+    assert (log / "notes.txt").read_text() == "keep me\n"
+    assert (log / "plots/settings.json").read_text() == '{"theme": "dark"}\n'
+    assert (log / "plots/metrics/train/loss_depth.tsv").is_file()
+
+
+@pytest.mark.parametrize("name", ["params.yaml", "plots/metrics/notes.txt", "plots/images/a.png"])
+def test_path_training_log_folder_with_a_file_dvclive_would_delete_is_refused(
+    outputs: Path, name: str
+):
+    log = outputs / "metrics/teachers/depth"
+    (log / name).parent.mkdir(parents=True, exist_ok=True)
+    (log / name).write_text("keep me\n")
+    before = snapshot(outputs)
+    refused(("train-teacher", "--teacher", "depth"), "metrics/teachers/depth holds files that")
+    assert snapshot(outputs) == before
+
+
+def test_path_training_log_folder_that_is_a_file_is_refused(outputs: Path):
+    shutil.rmtree(outputs / "metrics/student")
+    (outputs / "metrics/student").write_text("mine\n")
+    before = snapshot(outputs)
+    refused(("train-student",), "metrics/student is a file, not a folder of training curves")
+    assert snapshot(outputs) == before
 
 
 def test_a_refused_prepare_leaves_no_empty_folder(project: Path):
@@ -191,3 +212,18 @@ def test_a_full_disk_while_extracting_stops_cleanly_and_resumes_elsewhere(output
         assert "no space left on the device" in result.output
         assert "Traceback" not in result.output
         assert not [p for p in disk.rglob("*") if p.name.endswith(".partial")]
+
+
+def test_path_training_log_folder_that_is_a_symbolic_link_is_refused(outputs: Path):
+    (outputs / "metrics/student").rename(outputs / "elsewhere")
+    (outputs / "metrics/student").symlink_to(outputs / "elsewhere")
+    before = snapshot(outputs / "elsewhere")
+    refused(("train-student",), "metrics/student is a symbolic link, not a folder of training")
+    assert snapshot(outputs / "elsewhere") == before
+
+
+def test_bad_input_dvclive_resume_is_refused_before_anything_is_touched(outputs: Path, monkeypatch):
+    monkeypatch.setenv("DVCLIVE_RESUME", "true")
+    before = snapshot(outputs)
+    refused(("train-teacher", "--teacher", "depth"), "DVCLIVE_RESUME is set: DVCLive would add")
+    assert snapshot(outputs) == before
