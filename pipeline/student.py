@@ -6,13 +6,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from pipeline.augment import IDENTITY, apply_views, random_view
 from pipeline.distill import Distiller
-from pipeline.errors import DataError
+from pipeline.errors import DataError, KdmtlError
 from pipeline.models import FEATURES, Architecture, build_model
 from pipeline.store.features import SPLIT, FeatureChunks, FeatureStore
 from pipeline.store.prepared import PreparedSplit, PreparedStore
+from pipeline.store.resident import ResidentChunks, available_memory, chunk_nbytes, num_chunks
 from pipeline.store.stream import ChunkStream, make_loader
 from pipeline.tasks import make_tasks
 from pipeline.training import (
@@ -87,6 +89,22 @@ class StudentSource:
     def __len__(self) -> int:
         return len(self.split)
 
+    def decoded_nbytes(self) -> int:
+        """Bytes that the decoded training split and feature stores take in memory (from their
+        first chunks: every chunk but the last is as large)."""
+        first = chunk_nbytes(self.split.read_chunk(0))
+        first += sum(chunk_nbytes(source.read_chunk(0)) for source in self.features.values())
+        return first * num_chunks(self)
+
+    def hold_in_memory(self, progress: bool = True) -> None:
+        """Decode the training split and every feature store once; later epochs read memory.
+        Views and augmentation are still drawn per epoch, so batches do not change."""
+        self.split = ResidentChunks(self.split, "decoding the training split", progress=progress)
+        self.features = {
+            task: ResidentChunks(source, f"decoding the {task} features", progress=progress)
+            for task, source in self.features.items()
+        }
+
     def read_chunk(self, chunk: int, epoch: int = 0) -> dict[str, np.ndarray]:
         block = self.split.read_chunk(chunk)
         count = len(block["index"])
@@ -124,6 +142,32 @@ class StudentSource:
             if not np.array_equal(values["views"], first["views"]):
                 raise DataError(f"the {task} feature store cached other views than the others")
         return first["views"]
+
+
+def choose_residency(source: StudentSource, loader: LoaderParams) -> bool:
+    """Whether to hold the decoded training data in memory, as `loader.resident` says: `ram`
+    always (refused beyond the budget), `auto` when it fits the budget, `off` never. Says which,
+    and why, in the log."""
+    if loader.resident == "off":
+        return False
+    needed = source.decoded_nbytes()
+    budget = (
+        loader.memory_budget_gb * 1e9
+        if loader.memory_budget_gb is not None
+        else available_memory() / 2
+    )
+    fits = needed <= budget
+    sizes = f"{needed / 1e9:.2f} GB decoded, budget {budget / 1e9:.2f} GB"
+    if loader.resident == "ram" and not fits:
+        raise KdmtlError(
+            f"loader.resident is ram, but the training data takes {sizes} "
+            "(loader.memory_budget_gb, or half the free memory): raise the budget, or set "
+            "loader.resident to auto or off"
+        )
+    how = "decoded once and read from memory" if fits else "streamed from disk every epoch"
+    workers = ", without reader processes" if fits and loader.num_workers else ""
+    tqdm.write(f"student: training data {how} ({sizes}{workers})")
+    return fits
 
 
 def build_distiller(
@@ -197,6 +241,9 @@ def train_student(
         )
     cached = stores if distil and config.kd_source == "cache" else None
     source = StudentSource(prepared, task_names, cached, augment, seed)
+    resident = choose_residency(source, loader)
+    if resident:
+        source.hold_in_memory(progress)
     stream = ChunkStream(source, config.batch_size, True, seed, loader.buffer_chunks)
     test_stream = ChunkStream(PreparedSplit(prepared, "test", task_names), config.batch_size, False)
     test_batches = make_loader(test_stream, num_workers=0)
@@ -236,7 +283,7 @@ def train_student(
 
     history = fit(
         step,
-        make_loader(stream, loader.num_workers),
+        make_loader(stream, 0 if resident else loader.num_workers),
         config.epochs,
         optimizers,
         schedulers,

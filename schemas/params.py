@@ -99,6 +99,17 @@ class LoaderParams(Contract):
     buffer_chunks: Int = Field(
         4, ge=1, description="Chunks shuffled together: memory holds this many chunks at most."
     )
+    resident: Literal["auto", "ram", "off"] = Field(
+        "auto",
+        description="The student's training data decoded once and served from memory (ram), "
+        "streamed from disk every epoch (off), or ram when it fits memory_budget_gb (auto).",
+    )
+    memory_budget_gb: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="Memory that resident data may take; null: half of the memory available.",
+    )
 
 
 # Bounds on a network's size, far above any kdmtl trains (the paper's widest level has 512

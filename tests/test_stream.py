@@ -1,5 +1,7 @@
 """ChunkStream: every sample once per epoch, each chunk read once, bounded memory, reproducible."""
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -69,17 +71,44 @@ def test_unshuffled_streams_keep_the_order_and_drop_last_drops_the_rest():
     assert len(stream) == 2
 
 
-def test_memory_is_bounded_by_the_buffer():
-    """Samples read but not yet yielded never exceed the buffer plus a partial batch."""
+@pytest.mark.parametrize("read_ahead", [False, True])
+def test_memory_is_bounded_by_the_buffer(read_ahead: bool):
+    """Samples read but not yet yielded never exceed the buffer (twice over when the next group
+    is read ahead) plus a partial batch."""
     source = CountingSource(1000, 10)
-    stream = ChunkStream(source, 7, shuffle=True, buffer_chunks=3)
+    stream = ChunkStream(source, 7, shuffle=True, buffer_chunks=3, read_ahead=read_ahead)
     yielded, most_held = 0, 0
     for batch in stream:
         held = len(source.reads) * 10 - yielded
         most_held = max(most_held, held)
         yielded += len(batch["index"])
     assert yielded == 1000
-    assert most_held <= 3 * 10 + 7
+    assert most_held <= (2 if read_ahead else 1) * 3 * 10 + 7
+
+
+class ThreadRecordingSource(CountingSource):
+    """A CountingSource that notes the threads it is read from."""
+
+    def __init__(self, num_samples: int, chunk_size: int) -> None:
+        super().__init__(num_samples, chunk_size)
+        self.threads: set[str] = set()
+
+    def read_chunk(self, chunk: int, epoch: int = 0) -> dict[str, np.ndarray]:
+        self.threads.add(threading.current_thread().name)
+        return super().read_chunk(chunk, epoch)
+
+
+def test_reading_ahead_reads_in_another_thread_and_changes_no_batch():
+    batches = {}
+    for read_ahead in (False, True):
+        source = ThreadRecordingSource(45, 4)
+        stream = ChunkStream(
+            source, 5, shuffle=True, seed=2, buffer_chunks=2, read_ahead=read_ahead
+        )
+        batches[read_ahead] = [[b["index"].tolist() for b in stream] for _ in range(2)]
+        on_main = source.threads == {threading.main_thread().name}
+        assert on_main != read_ahead, source.threads
+    assert batches[True] == batches[False]
 
 
 def test_spawned_workers_split_the_chunks_and_keep_shuffling_across_epochs():

@@ -16,16 +16,18 @@ import pipeline.student
 from pipeline.augment import apply_view
 from pipeline.checkpoints import load_teacher, save_checkpoint
 from pipeline.distill import Distiller, feature_distance
-from pipeline.errors import DataError
+from pipeline.errors import DataError, KdmtlError
 from pipeline.files import sha256_file
 from pipeline.metrics import delta_mtl
 from pipeline.models import build_model
 from pipeline.store.features import FeatureStore
 from pipeline.store.prepared import open_prepared
-from pipeline.student import StudentSource, build_distiller
+from pipeline.store.resident import ResidentChunks
+from pipeline.store.stream import ChunkStream
+from pipeline.student import StudentSource, build_distiller, choose_residency
 from pipeline.tasks import TASKS, higher_is_better, make_tasks
 from schemas.checkpoint import EvaluationHeadline, EvaluationReport, StudentMetadata
-from schemas.params import StudentParams
+from schemas.params import LoaderParams, StudentParams
 
 TASK_NAMES = ["semseg", "depth", "normal"]
 PARAMS = TINY_PARAMS | {
@@ -147,6 +149,53 @@ def test_the_stream_joins_features_to_samples_by_id(project: Path):
     )
 
 
+def epochs_of_batches(source: StudentSource, epochs: int = 2) -> list[list[dict]]:
+    stream = ChunkStream(source, batch_size=3, shuffle=True, seed=5, buffer_chunks=2)
+    return [[{k: v.clone() for k, v in batch.items()} for batch in stream] for _ in range(epochs)]
+
+
+@pytest.mark.parametrize("distil", [True, False], ids=["cached-features", "augmented"])
+def test_resident_and_streamed_batches_are_identical(project: Path, distil: bool):
+    """Each epoch the same batches whether the data is decoded once or read every epoch; the
+    augmented case draws fresh views per epoch, which must not be held in memory."""
+    prepared = open_prepared(project / "data/prepared.zarr")
+    stores = stores_of(project) if distil else None
+    streamed = StudentSource(prepared, TASK_NAMES, stores, augment=not distil, seed=0)
+    resident = StudentSource(prepared, TASK_NAMES, stores, augment=not distil, seed=0)
+    resident.hold_in_memory(progress=False)
+    assert isinstance(resident.split, ResidentChunks)
+    first, second = epochs_of_batches(streamed), epochs_of_batches(resident)
+    assert len(first[0]) == 4 and first[0][0]["image"].shape == (3, 3, 16, 24)
+    if distil:
+        assert "depth.decoder" in first[0][0]
+    else:
+        assert not torch.equal(first[0][0]["image"], first[1][0]["image"])  # views per epoch
+    for streamed_epoch, resident_epoch in zip(first, second, strict=True):
+        for a, b in zip(streamed_epoch, resident_epoch, strict=True):
+            assert a.keys() == b.keys()
+            for name in a:
+                assert torch.equal(a[name], b[name]), name
+
+
+def test_residency_follows_the_mode_and_the_budget(project: Path, capsys):
+    prepared = open_prepared(project / "data/prepared.zarr")
+    source = StudentSource(prepared, TASK_NAMES, stores_of(project), augment=False, seed=0)
+    needed = source.decoded_nbytes()
+    chunk = sum(v.nbytes for v in source.split.read_chunk(0).values())
+    assert chunk * 3 < needed  # the features are counted too (3 chunks of 12 samples)
+    loader = LoaderParams(num_workers=2, memory_budget_gb=needed / 1e9)
+    assert choose_residency(source, loader)
+    line = capsys.readouterr().out
+    assert "student: training data decoded once and read from memory" in line
+    assert "without reader processes" in line
+    small = loader.model_copy(update={"memory_budget_gb": needed / 2e9})
+    assert not choose_residency(source, small)
+    assert "streamed from disk every epoch" in capsys.readouterr().out
+    assert not choose_residency(source, loader.model_copy(update={"resident": "off"}))
+    with pytest.raises(KdmtlError, match=r"loader.resident is ram, but the training data takes"):
+        choose_residency(source, small.model_copy(update={"resident": "ram"}))
+
+
 def test_cached_views_are_replayed_on_the_input_and_targets(trained: Path, tmp_path: Path):
     folder = tmp_path / "views"
     data = PARAMS["data"] | {"augment": True}
@@ -196,6 +245,9 @@ def test_train_student_writes_checkpoint_and_curves(project: Path):
     result = kdmtl("train-student")
     assert result.exit_code == 0, result.output
     assert "wrote models/student.pt (kd): test semseg mIoU" in result.output
+    assert "student: training data decoded once and read from memory (0.00 GB decoded" in (
+        result.output
+    )
     state = torch.load(project / "models/student.pt", weights_only=True)
     metadata = StudentMetadata.model_validate(state["metadata"])
     assert metadata.tasks == TASK_NAMES

@@ -7,6 +7,7 @@ DataLoader with worker processes, each worker takes every k-th chunk and opens i
 """
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 import numpy as np
@@ -43,6 +44,7 @@ class ChunkStream(IterableDataset):
         seed: int = 0,
         buffer_chunks: int = 4,
         drop_last: bool = False,
+        read_ahead: bool = True,
     ) -> None:
         self.source = source
         self.batch_size = batch_size
@@ -50,6 +52,7 @@ class ChunkStream(IterableDataset):
         self.seed = seed
         self.buffer_chunks = buffer_chunks
         self.drop_last = drop_last
+        self.read_ahead = read_ahead
         self.epoch = 0
 
     @property
@@ -75,9 +78,10 @@ class ChunkStream(IterableDataset):
         if worker is not None:
             chunks = chunks[worker.id :: worker.num_workers]
         pending: dict[str, np.ndarray] | None = None  # fewer than a batch, carried over
-        for first in range(0, len(chunks), self.buffer_chunks):
-            group = chunks[first : first + self.buffer_chunks]
-            blocks = [self.source.read_chunk(int(c), epoch) for c in group]
+        groups = [
+            chunks[i : i + self.buffer_chunks] for i in range(0, len(chunks), self.buffer_chunks)
+        ]
+        for blocks in self._read_groups(groups, epoch):
             if pending is not None:
                 blocks.insert(0, pending)
             # (block, row) of every buffered sample: batches are gathered straight from the
@@ -91,6 +95,26 @@ class ChunkStream(IterableDataset):
             pending = _gather_arrays(blocks, rows[whole:]) if whole < len(rows) else None
         if pending is not None and not self.drop_last:
             yield {name: torch.from_numpy(values) for name, values in pending.items()}
+
+    def _read_groups(
+        self, groups: list[np.ndarray], epoch: int
+    ) -> Iterator[list[dict[str, np.ndarray]]]:
+        """Each group's chunks; with `read_ahead`, a thread reads the next group while the
+        current one's batches train (the codecs release the GIL), so memory holds two groups."""
+
+        def read(group: np.ndarray) -> list[dict[str, np.ndarray]]:
+            return [self.source.read_chunk(int(c), epoch) for c in group]
+
+        if not self.read_ahead:
+            yield from map(read, groups)
+            return
+        with ThreadPoolExecutor(1) as reader:
+            upcoming = reader.submit(read, groups[0]) if groups else None
+            for index in range(len(groups)):
+                blocks = upcoming.result()
+                if index + 1 < len(groups):
+                    upcoming = reader.submit(read, groups[index + 1])
+                yield blocks
 
 
 def _length(block: dict[str, np.ndarray]) -> int:

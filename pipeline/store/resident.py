@@ -1,0 +1,66 @@
+"""Chunk sources held in memory: every chunk decoded once, then served from memory every epoch.
+
+Decoding a cached teacher feature costs far more than using it (a float16 chunk goes through
+Blosc, a checksum and zarr's write path backwards); when the decoded data fits in memory, paying
+that once instead of once per epoch is what makes the cache cheaper than running the teachers.
+"""
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from pipeline.progress import progress_bar
+from pipeline.store.stream import ChunkSource
+
+
+def available_memory() -> int:
+    """Bytes of memory free for a new allocation now (Linux's MemAvailable, else all of it)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def num_chunks(source: ChunkSource) -> int:
+    return -(-len(source) // source.chunk_size)
+
+
+def chunk_nbytes(block: dict[str, np.ndarray]) -> int:
+    return sum(values.nbytes for values in block.values())
+
+
+class ResidentChunks:
+    """A ChunkSource's chunks, each read once from `source` and kept: `read_chunk` then returns
+    the same values as `source.read_chunk` would, from memory. Chunks are read by a pool of
+    threads (Blosc and zarr's codecs release the GIL), with a progress bar.
+
+    The arrays are shared between epochs: callers replace a block's entries, never write into
+    them (a fresh dict is returned each time)."""
+
+    def __init__(
+        self, source: ChunkSource, description: str, threads: int = 0, progress: bool = True
+    ) -> None:
+        self.chunk_size = source.chunk_size
+        self.length = len(source)
+        count = num_chunks(source)
+        first = source.read_chunk(0)  # in this thread: sources open their arrays lazily
+        threads = threads or min(8, os.cpu_count() or 1)
+        with ThreadPoolExecutor(threads) as pool:
+            rest = pool.map(source.read_chunk, range(1, count))
+            bar = progress_bar(rest, progress, total=count, initial=1, desc=description)
+            self.chunks = [first, *bar]
+
+    def __len__(self) -> int:
+        return self.length
+
+    @property
+    def nbytes(self) -> int:
+        return sum(chunk_nbytes(chunk) for chunk in self.chunks)
+
+    def read_chunk(self, chunk: int, epoch: int = 0) -> dict[str, np.ndarray]:
+        return dict(self.chunks[chunk])
