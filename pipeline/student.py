@@ -146,9 +146,23 @@ class StudentSource:
 
 def choose_residency(source: StudentSource, loader: LoaderParams) -> bool:
     """Whether to hold the decoded training data in memory, as `loader.resident` says: `ram`
-    always (refused beyond the budget), `auto` when it fits the budget, `off` never. Says which,
-    and why, in the log."""
+    always (refused beyond the budget), `auto` when it fits the budget, `off` never. Resident data
+    is read in the training process, so only with `loader.num_workers` 0: reader processes split
+    the chunks between them, which changes the batches, and they must not depend on the memory
+    free. Says which, and why, in the log."""
     if loader.resident == "off":
+        tqdm.write("student: training data streamed from disk every epoch (loader.resident off)")
+        return False
+    if loader.num_workers:
+        if loader.resident == "ram":
+            raise KdmtlError(
+                "loader.resident is ram, which reads in the training process: set "
+                "loader.num_workers to 0"
+            )
+        tqdm.write(
+            "student: training data streamed from disk every epoch by reader processes "
+            "(loader.num_workers > 0; with 0, it would be held in memory when it fits)"
+        )
         return False
     needed = source.decoded_nbytes()
     budget = (
@@ -165,8 +179,7 @@ def choose_residency(source: StudentSource, loader: LoaderParams) -> bool:
             "loader.resident to auto or off"
         )
     how = "decoded once and read from memory" if fits else "streamed from disk every epoch"
-    workers = ", without reader processes" if fits and loader.num_workers else ""
-    tqdm.write(f"student: training data {how} ({sizes}{workers})")
+    tqdm.write(f"student: training data {how} ({sizes})")
     return fits
 
 
@@ -283,7 +296,7 @@ def train_student(
 
     history = fit(
         step,
-        make_loader(stream, 0 if resident else loader.num_workers),
+        make_loader(stream, loader.num_workers),
         config.epochs,
         optimizers,
         schedulers,

@@ -97,17 +97,17 @@ class LoaderParams(Contract):
         0, ge=0, le=64, description="Reader processes (spawned); 0 reads in the training process."
     )
     buffer_chunks: Int = Field(
-        4, ge=1, description="Chunks shuffled together: memory holds this many chunks at most."
+        4, ge=1, description="Chunks shuffled together; a stream holds twice this many at most."
     )
     resident: Literal["auto", "ram", "off"] = Field(
         "auto",
         description="The student's training data decoded once and served from memory (ram), "
-        "streamed from disk every epoch (off), or ram when it fits memory_budget_gb (auto).",
+        "streamed from disk every epoch (off), or ram when it fits memory_budget_gb and "
+        "num_workers is 0 (auto).",
     )
-    memory_budget_gb: float | None = Field(
+    memory_budget_gb: Float | None = Field(
         None,
         gt=0,
-        allow_inf_nan=False,
         description="Memory that resident data may take; null: half of the memory available.",
     )
 

@@ -50,7 +50,7 @@ def command(params: Params) -> None:
     metrics = Path(params.paths.metrics)
     write_json(metrics / "details" / "eval.json", report.model_dump())
     write_json(metrics / "eval.json", headline(report, tasks).model_dump())
-    first = next(iter(ChunkStream(test.source, GRID_IMAGES, shuffle=False)))
+    first = next(iter(ChunkStream(test.source, GRID_IMAGES, shuffle=False, read_ahead=False)))
     picture = prediction_grid(student, teachers, tasks, first, device)
     png = Path(params.paths.plots) / "eval" / "predictions.png"
     write_atomically(png, lambda partial: picture.save(partial, format="PNG"))

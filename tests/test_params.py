@@ -47,6 +47,12 @@ def test_an_empty_params_file_means_all_defaults(tmp_path: Path):
         ({"tasks": []}, "tasks: List should have at least 1 item"),
         ({"device": "gpu"}, "'gpu' is not a device; allowed: auto, cpu, cuda, cuda:N"),
         (
+            {"loader": {"resident": "gpu"}},
+            "loader.resident: Input should be 'auto', 'ram' or 'off'",
+        ),
+        ({"loader": {"memory_budget_gb": True}}, "loader.memory_budget_gb: "),
+        ({"loader": {"memory_budget_gb": 0}}, "loader.memory_budget_gb: Input should be greater"),
+        (
             {"data": {"source": "kitti"}},
             "'kitti' is not a data source; allowed: scenes, nyuv2, cityscapes",
         ),

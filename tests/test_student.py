@@ -12,6 +12,7 @@ import torch
 from conftest import TINY_PARAMS, curve, curve_names, kdmtl, write_params
 from PIL import Image
 
+import pipeline.store.resident
 import pipeline.student
 from pipeline.augment import apply_view
 from pipeline.checkpoints import load_teacher, save_checkpoint
@@ -22,7 +23,7 @@ from pipeline.metrics import delta_mtl
 from pipeline.models import build_model
 from pipeline.store.features import FeatureStore
 from pipeline.store.prepared import open_prepared
-from pipeline.store.resident import ResidentChunks
+from pipeline.store.resident import ResidentChunks, available_memory
 from pipeline.store.stream import ChunkStream
 from pipeline.student import StudentSource, build_distiller, choose_residency
 from pipeline.tasks import TASKS, higher_is_better, make_tasks
@@ -183,17 +184,36 @@ def test_residency_follows_the_mode_and_the_budget(project: Path, capsys):
     needed = source.decoded_nbytes()
     chunk = sum(v.nbytes for v in source.split.read_chunk(0).values())
     assert chunk * 3 < needed  # the features are counted too (3 chunks of 12 samples)
-    loader = LoaderParams(num_workers=2, memory_budget_gb=needed / 1e9)
+    loader = LoaderParams(memory_budget_gb=needed * 1.001 / 1e9)
     assert choose_residency(source, loader)
-    line = capsys.readouterr().out
-    assert "student: training data decoded once and read from memory" in line
-    assert "without reader processes" in line
+    assert "student: training data decoded once and read from memory" in capsys.readouterr().out
     small = loader.model_copy(update={"memory_budget_gb": needed / 2e9})
     assert not choose_residency(source, small)
-    assert "streamed from disk every epoch" in capsys.readouterr().out
+    assert "streamed from disk every epoch (0.00 GB decoded, budget" in capsys.readouterr().out
     assert not choose_residency(source, loader.model_copy(update={"resident": "off"}))
+    assert "(loader.resident off)" in capsys.readouterr().out
     with pytest.raises(KdmtlError, match=r"loader.resident is ram, but the training data takes"):
         choose_residency(source, small.model_copy(update={"resident": "ram"}))
+    # Reader processes split the chunks between them, which changes the batches: never resident.
+    workers = loader.model_copy(update={"num_workers": 2})
+    assert not choose_residency(source, workers)
+    assert "by reader processes (loader.num_workers > 0" in capsys.readouterr().out
+    with pytest.raises(KdmtlError, match=r"ram, which reads in the training process: set"):
+        choose_residency(source, workers.model_copy(update={"resident": "ram"}))
+
+
+def test_the_free_memory_is_what_a_container_limit_leaves(tmp_path: Path, monkeypatch):
+    limit, usage = tmp_path / "memory.max", tmp_path / "memory.current"
+    monkeypatch.setattr(pipeline.store.resident, "CGROUP_FILES", [(str(limit), str(usage))])
+    machine = available_memory()  # no such files: the machine's available memory
+    assert machine > 10**6
+    limit.write_text("1000000\n")
+    usage.write_text("400000\n")
+    assert available_memory() == 600_000
+    usage.write_text("2000000\n")
+    assert available_memory() == 0
+    limit.write_text("max\n")  # no limit
+    assert available_memory() > 600_000
 
 
 def test_cached_views_are_replayed_on_the_input_and_targets(trained: Path, tmp_path: Path):

@@ -394,11 +394,12 @@ class FeatureChunks:
     def read_chunk(self, chunk: int, epoch: int = 0) -> dict[str, np.ndarray]:
         remedy = f"the store is damaged: {self.store.remedy}"
         if self._arrays is None:
-            features = self.store.manifest.features
-            self._arrays = {name: self.store.array(name, "r") for name in features}
             for name in ("sample_id", "views"):
                 with reading(self.store.path / SPLIT / name, remedy):
                     self._small[name] = self.store.array(name, "r")[:]
+            # Last: another thread that sees the arrays open also sees the small ones read.
+            features = self.store.manifest.features
+            self._arrays = {name: self.store.array(name, "r") for name in features}
         start = chunk * self.chunk_size
         stop = min(start + self.chunk_size, len(self))
         arrays = {}

@@ -7,23 +7,36 @@ that once instead of once per epoch is what makes the cache cheaper than running
 
 import os
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
+import psutil
 
 from pipeline.progress import progress_bar
 from pipeline.store.stream import ChunkSource
 
+# A container's memory limit and use (cgroup v2, then v1): the machine's free memory is not the
+# container's, and going over its limit kills the process without a message.
+CGROUP_FILES = [
+    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+    ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+]
+
 
 def available_memory() -> int:
-    """Bytes of memory free for a new allocation now (Linux's MemAvailable, else all of it)."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    """Bytes free for a new allocation now: the machine's available memory, or what is left under
+    the container's limit if that is less."""
+    free = psutil.virtual_memory().available
+    for limit_file, usage_file in CGROUP_FILES:
+        try:
+            limit = Path(limit_file).read_text().strip()
+            usage = int(Path(usage_file).read_text())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit():  # "max": no limit
+            free = min(free, max(int(limit) - usage, 0))
+        break
+    return free
 
 
 def num_chunks(source: ChunkSource) -> int:

@@ -2,8 +2,9 @@
 
 A `ChunkStream` walks the chunks of a `ChunkSource` (all arrays of a source share one chunk grid
 along the sample axis), shuffles the chunk order each epoch, and shuffles samples within a bounded
-buffer of chunks. Memory holds at most `buffer_chunks` chunks, whatever the dataset size. Under a
-DataLoader with worker processes, each worker takes every k-th chunk and opens its stores lazily.
+buffer of chunks, reading the next group of chunks ahead. Memory holds at most twice
+`buffer_chunks` chunks, whatever the dataset size. Under a DataLoader with worker processes, each
+worker takes every k-th chunk and opens its stores lazily.
 """
 
 from collections.abc import Iterator
