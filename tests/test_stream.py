@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.errors import DataError
 from pipeline.store.stream import ChunkStream, make_loader
 
 
@@ -119,3 +120,21 @@ def test_spawned_workers_split_the_chunks_and_keep_shuffling_across_epochs():
     for indices in epochs:
         assert sorted(indices) == list(range(48))
     assert epochs[0] != epochs[1]
+
+
+class FailingSource(CountingSource):
+    def read_chunk(self, chunk: int, epoch: int = 0) -> dict[str, np.ndarray]:
+        if chunk == 5:
+            raise DataError("chunk 5 is damaged: run `kdmtl prepare` again")
+        return super().read_chunk(chunk, epoch)
+
+
+def test_an_error_read_ahead_comes_out_unchanged_and_an_early_stop_leaves_no_thread():
+    stream = ChunkStream(FailingSource(40, 4), 4, shuffle=False, buffer_chunks=2)
+    with pytest.raises(DataError, match=r"^chunk 5 is damaged: run `kdmtl prepare` again$"):
+        list(stream)
+    threads = threading.active_count()
+    batches = iter(ChunkStream(CountingSource(40, 4), 4, shuffle=False, buffer_chunks=2))
+    next(batches)
+    batches.close()  # the consumer stops: the reader thread ends with the generator
+    assert threading.active_count() == threads
