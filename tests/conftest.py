@@ -42,13 +42,18 @@ def project(tmp_path: Path) -> Path:
     os.chdir(cwd)
 
 
+def working_copy(source: Path, tmp_path: Path, monkeypatch) -> Path:
+    """A copy of the project `source`, made the current directory."""
+    folder = tmp_path / "project"
+    shutil.copytree(source, folder)
+    monkeypatch.chdir(folder)
+    return folder
+
+
 @pytest.fixture
 def trained_copy(trained: Path, tmp_path: Path, monkeypatch) -> Path:
     """A copy of the test module's `trained` project, made the current directory."""
-    folder = tmp_path / "project"
-    shutil.copytree(trained, folder)
-    monkeypatch.chdir(folder)
-    return folder
+    return working_copy(trained, tmp_path, monkeypatch)
 
 
 def kdmtl(*args: str) -> Result:
@@ -154,10 +159,7 @@ def pipeline_outputs(tmp_path_factory) -> Path:
 @pytest.fixture
 def outputs(pipeline_outputs: Path, tmp_path: Path, monkeypatch) -> Path:
     """A copy of `pipeline_outputs`, made the current directory."""
-    folder = tmp_path / "project"
-    shutil.copytree(pipeline_outputs, folder)
-    monkeypatch.chdir(folder)
-    return folder
+    return working_copy(pipeline_outputs, tmp_path, monkeypatch)
 
 
 KILLED = """
