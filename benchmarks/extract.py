@@ -87,7 +87,7 @@ def small_prepared(folder: Path, num_train: int) -> PreparedStore:
 
 def codec_table(teacher: Architecture, prepared: PreparedStore, repeats: int) -> list[str]:
     settings = [
-        ("float32", FeatureParams(dtype="float32")),
+        ("float32", FeatureParams(encoding="float32")),
         ("float16 (default)", FeatureParams()),
         *[(f"float16, BitRound {k} bits", FeatureParams(keep_bits=k)) for k in (7, 5, 3)],
     ]

@@ -9,6 +9,12 @@ from pipeline.models import FEATURES
 EPS = 1e-6
 
 
+def normalize_pixels(features: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Each pixel's feature vector over the channels `dim`, divided by sqrt(sum_c f^2 + 1e-6): the
+    paper's normalisation, which the distance below applies to both sides."""
+    return features / (torch.linalg.vecdot(features, features, dim=dim).unsqueeze(dim) + EPS).sqrt()
+
+
 def feature_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """Squared L2 distance between the per-pixel L2-normalised features (`f / sqrt(sum_c f^2 +
     1e-6)`), summed over channels and averaged over batch and pixels; the teacher is a constant.
@@ -28,6 +34,11 @@ def feature_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tens
 class Distiller(nn.Module):
     """One adaptor per task and distilled feature: a 1x1 convolution without bias, xavier-normal
     initialised, mapping the student's channels to the teacher's."""
+
+    # The loss sees each teacher feature normalised per pixel: stores that keep only those unit
+    # vectors (`normalized-int8`) serve it as well as float ones. A loss that compares
+    # magnitudes sets this, and such stores are refused.
+    uses_teacher_magnitudes = False
 
     def __init__(
         self,

@@ -3,6 +3,7 @@ training loop (task losses weighted by a method, plus the distillation loss for 
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -89,19 +90,29 @@ class StudentSource:
     def __len__(self) -> int:
         return len(self.split)
 
-    def decoded_nbytes(self) -> int:
-        """Bytes that the decoded training split and feature stores take in memory (from their
-        first chunks: every chunk but the last is as large)."""
-        first = chunk_nbytes(self.split.read_chunk(0))
-        first += sum(chunk_nbytes(source.read_chunk(0)) for source in self.features.values())
-        return first * num_chunks(self)
+    def decoded_nbytes(self) -> tuple[int, int]:
+        """Bytes that the decoded training split, and the teachers' features, take in memory
+        (from their first chunks: every chunk but the last is as large)."""
+        split = chunk_nbytes(self.split.read_chunk(0))
+        features = 0
+        for source in self.features.values():
+            first = source.read_chunk(0)
+            features += sum(first[name].nbytes for name in FEATURES)
+        return split * num_chunks(self), features * num_chunks(self)
 
-    def hold_in_memory(self, progress: bool = True) -> None:
-        """Decode the training split and every feature store once; later epochs read memory.
-        Views and augmentation are still drawn per epoch, so batches do not change."""
+    def hold_in_memory(self, device: torch.device | None = None, progress: bool = True) -> None:
+        """Decode the training split and every feature store once; later epochs read memory
+        (the teachers' features on `device` when given). Views and augmentation are still drawn
+        per epoch, so batches do not change."""
         self.split = ResidentChunks(self.split, "decoding the training split", progress=progress)
         self.features = {
-            task: ResidentChunks(source, f"decoding the {task} features", progress=progress)
+            task: ResidentChunks(
+                source,
+                f"decoding the {task} features",
+                device=device,
+                on_device=FEATURES,
+                progress=progress,
+            )
             for task, source in self.features.items()
         }
 
@@ -144,43 +155,91 @@ class StudentSource:
         return first["views"]
 
 
-def choose_residency(source: StudentSource, loader: LoaderParams) -> bool:
-    """Whether to hold the decoded training data in memory, as `loader.resident` says: `ram`
-    always (refused beyond the budget), `auto` when it fits the budget, `off` never. Resident data
-    is read in the training process, so only with `loader.num_workers` 0: reader processes split
-    the chunks between them, which changes the batches, and they must not depend on the memory
-    free. Says which, and why, in the log."""
+def memory_budget(loader: LoaderParams, device: torch.device) -> int:
+    """Bytes that resident data may take in the memory of `device` (host memory for a CPU):
+    `loader.memory_budget_gb`, else half of what is free now."""
+    if loader.memory_budget_gb is not None:
+        return int(loader.memory_budget_gb * 1e9)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] // 2
+    return available_memory() // 2
+
+
+def choose_residency(
+    source: StudentSource, loader: LoaderParams, device: torch.device
+) -> Literal["device", "ram", "off"]:
+    """Where the decoded training data is held, as `loader.resident` says, and says which, and
+    why, in the log:
+
+    - `device`: the teachers' features in the training device's memory, batched there, the
+      images and targets in host memory; refused beyond the budget of either;
+    - `ram`: all of it in host memory; refused beyond the budget;
+    - `off`: streamed from disk every epoch;
+    - `auto`: the first of `device` (on a GPU), `ram` and `off` that fits.
+
+    Resident data is read in the training process, so only with `loader.num_workers` 0: reader
+    processes split the chunks between them, which changes the batches, and they must not depend
+    on the memory free."""
     if loader.resident == "off":
         tqdm.write("student: training data streamed from disk every epoch (loader.resident off)")
-        return False
+        return "off"
     if loader.num_workers:
-        if loader.resident == "ram":
+        if loader.resident != "auto":
             raise KdmtlError(
-                "loader.resident is ram, which reads in the training process: set "
-                "loader.num_workers to 0"
+                f"loader.resident is {loader.resident}, which reads in the training process: "
+                "set loader.num_workers to 0"
             )
         tqdm.write(
             "student: training data streamed from disk every epoch by reader processes "
             "(loader.num_workers > 0; with 0, it would be held in memory when it fits)"
         )
-        return False
-    needed = source.decoded_nbytes()
-    budget = (
-        loader.memory_budget_gb * 1e9
-        if loader.memory_budget_gb is not None
-        else available_memory() / 2
+        return "off"
+    split, features = source.decoded_nbytes()
+    host = memory_budget(loader, torch.device("cpu"))
+    on_device = memory_budget(loader, device) if device.type != "cpu" else host
+    gb = 1e9
+    fits = {"ram": split + features <= host}
+    # On a CPU the device's memory is the host's: `device` holds the features there as tensors.
+    fits["device"] = (
+        fits["ram"] if device.type == "cpu" else features <= on_device and split <= host
     )
-    fits = needed <= budget
-    sizes = f"{needed / 1e9:.2f} GB decoded, budget {budget / 1e9:.2f} GB"
-    if loader.resident == "ram" and not fits:
-        raise KdmtlError(
-            f"loader.resident is ram, but the training data takes {sizes} "
-            "(loader.memory_budget_gb, or half the free memory): raise the budget, or set "
-            "loader.resident to auto or off"
+    sizes = {
+        "device": f"features {features / gb:.2f} GB on {device}, budget {on_device / gb:.2f} "
+        f"GB; images and targets {split / gb:.2f} GB in host memory, budget {host / gb:.2f} GB",
+        "ram": f"{(split + features) / gb:.2f} GB decoded, budget {host / gb:.2f} GB",
+    }
+    if loader.resident in fits:
+        mode = loader.resident
+        if not fits[mode]:
+            raise KdmtlError(
+                f"loader.resident is {mode}, but the training data does not fit ({sizes[mode]}; "
+                "the budget is loader.memory_budget_gb, or half the free memory): raise the "
+                "budget, or set loader.resident to auto or off"
+            )
+    else:
+        candidates = ["device", "ram"] if device.type == "cuda" and features else ["ram"]
+        mode = next((m for m in candidates if fits[m]), "off")
+    if mode == "off":
+        tqdm.write(f"student: training data streamed from disk every epoch ({sizes['ram']})")
+    elif mode == "ram":
+        tqdm.write(f"student: training data decoded once and read from memory ({sizes['ram']})")
+    else:
+        tqdm.write(
+            f"student: training data decoded once, teachers' features held on {device} "
+            f"({sizes['device']})"
         )
-    how = "decoded once and read from memory" if fits else "streamed from disk every epoch"
-    tqdm.write(f"student: training data {how} ({sizes})")
-    return fits
+    return mode
+
+
+def refuse_unusable_encodings(stores: dict[str, FeatureStore], distiller: type[Distiller]) -> None:
+    """Refuse stores whose encoding lost what the distillation loss needs."""
+    for task, store in stores.items():
+        if store.encoding.normalized and distiller.uses_teacher_magnitudes:
+            raise DataError(
+                f"feature store {store.path} holds {store.encoding.name} features, unit vectors "
+                "without the teacher's magnitudes, which this distillation loss compares: set "
+                f"features.encoding: float16, then run `kdmtl extract-features --teacher {task}`"
+            )
 
 
 def build_distiller(
@@ -197,6 +256,7 @@ def build_distiller(
         kind = "feature stores" if config.kd_source == "cache" else "teacher models"
         raise ValueError(f"kd_source {config.kd_source!r} needs the teachers' {kind}")
     if config.kd_source == "cache":
+        refuse_unusable_encodings(stores, Distiller)
         channels = {
             task: {name: store.manifest.features[name].shape[2] for name in FEATURES}
             for task, store in stores.items()
@@ -253,12 +313,18 @@ def train_student(
             )
         )
     cached = stores if distil and config.kd_source == "cache" else None
+    encodings = {task: store.encoding for task, store in (cached or {}).items()}
     source = StudentSource(prepared, task_names, cached, augment, seed)
-    resident = choose_residency(source, loader)
-    if resident:
-        source.hold_in_memory(progress)
-    stream = ChunkStream(source, config.batch_size, True, seed, loader.buffer_chunks)
-    test_stream = ChunkStream(PreparedSplit(prepared, "test", task_names), config.batch_size, False)
+    resident = choose_residency(source, loader, device)
+    if resident != "off":
+        source.hold_in_memory(device if resident == "device" else None, progress)
+    pin = device.type == "cuda"
+    stream = ChunkStream(
+        source, config.batch_size, True, seed, loader.buffer_chunks, pin_memory=pin
+    )
+    test_stream = ChunkStream(
+        PreparedSplit(prepared, "test", task_names), config.batch_size, False, pin_memory=pin
+    )
     test_batches = make_loader(test_stream, num_workers=0)
     last_shared = model.last_shared_layer()
 
@@ -271,7 +337,10 @@ def train_student(
         extra = None
         if distiller is not None:
             if cached:
-                targets = {t: {n: batch[f"{t}.{n}"] for n in FEATURES} for t in distiller.weights}
+                targets = {
+                    t: {n: encodings[t].decode(batch[f"{t}.{n}"]) for n in FEATURES}
+                    for t in distiller.weights
+                }
             else:
                 with torch.no_grad():
                     targets = {

@@ -45,6 +45,7 @@ class FeatureManifest(Contract):
     shard_size: int
     num_shards: int
     views: ViewSpec
+    encoding: str  # a registered feature encoding: how stored values map to features
     features: dict[str, FeatureArrayInfo]
     kdmtl_version: str
     # every zarr.json below the root, by relative path; recorded when the store is created

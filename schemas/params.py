@@ -99,16 +99,18 @@ class LoaderParams(Contract):
     buffer_chunks: Int = Field(
         4, ge=1, description="Chunks shuffled together; a stream holds twice this many at most."
     )
-    resident: Literal["auto", "ram", "off"] = Field(
+    resident: Literal["auto", "ram", "device", "off"] = Field(
         "auto",
-        description="The student's training data decoded once and served from memory (ram), "
-        "streamed from disk every epoch (off), or ram when it fits memory_budget_gb and "
-        "num_workers is 0 (auto).",
+        description="The student's training data decoded once and served from host memory (ram), "
+        "with the teachers' features in the training device's memory (device: a GPU's, or the "
+        "host's on a CPU), or streamed from disk every epoch (off); auto: the first of device (on "
+        "a GPU), ram and off that fits memory_budget_gb, with num_workers 0.",
     )
     memory_budget_gb: Float | None = Field(
         None,
         gt=0,
-        description="Memory that resident data may take; null: half of the memory available.",
+        description="Memory that resident data may take, in each of host and GPU memory; null: "
+        "half of what is free.",
     )
 
 
@@ -220,13 +222,16 @@ class StudentParams(TrainParams):
         return value
 
 
-MANTISSA_BITS = {"float16": 10, "float32": 23}
-
-
 class FeatureParams(Contract):
-    """How teacher features are cached."""
+    """How teacher features are cached. Encodings come from the library's registry: the
+    validation context's `encodings` maps each name to the mantissa bits BitRound may round
+    (0 for an encoding that stores integers)."""
 
-    dtype: Literal["float16", "float32"] = "float16"
+    encoding: str = Field(
+        "float16",
+        description="float16, float32, or normalized-int8 (each pixel's feature vector "
+        "L2-normalised over channels, as the distillation loss sees it, stored as int8).",
+    )
     keep_bits: Int | None = Field(
         None, ge=1, description="Mantissa bits kept by BitRound before compression; null: all."
     )
@@ -237,12 +242,34 @@ class FeatureParams(Contract):
     seed: Seed = Field(0, description="Seed of the cached views.")
     batch_size: Int = Field(64, ge=1, description="Teacher batch size during extraction.")
 
-    @model_validator(mode="after")
-    def _keep_bits_fit_the_dtype(self) -> "FeatureParams":
-        bits = MANTISSA_BITS[self.dtype]
-        if self.keep_bits is not None and self.keep_bits >= bits:
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_dtype(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "dtype" in data and "encoding" not in data:
             raise ValueError(
-                f"keep_bits must be below the {bits} mantissa bits of {self.dtype} "
+                f"features.dtype is now features.encoding: write encoding: {data['dtype']}"
+            )
+        return data
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, value: str, info: ValidationInfo) -> str:
+        _check_known([value], _context(info).get("encodings"), "a feature encoding")
+        return value
+
+    @model_validator(mode="after")
+    def _keep_bits_fit_the_encoding(self, info: ValidationInfo) -> "FeatureParams":
+        encodings = _context(info).get("encodings")
+        if self.keep_bits is None or encodings is None:
+            return self
+        bits = encodings[self.encoding]
+        if not bits:
+            raise ValueError(
+                f"keep_bits rounds float mantissas, and {self.encoding} stores integers: use null"
+            )
+        if self.keep_bits >= bits:
+            raise ValueError(
+                f"keep_bits must be below the {bits} mantissa bits of {self.encoding} "
                 f"(got {self.keep_bits}); use null to keep them all"
             )
         return self

@@ -16,6 +16,7 @@ from pipeline.data import SOURCES
 from pipeline.errors import KdmtlError
 from pipeline.files import write_atomically
 from pipeline.models import ARCHITECTURES, Architecture
+from pipeline.store.encodings import ENCODINGS
 from pipeline.store.prepared import PreparedStore
 from pipeline.tasks import TASKS
 from pipeline.weighting import WEIGHTINGS
@@ -36,6 +37,7 @@ def validation_context() -> dict[str, Any]:
         "sources": {name: list(SOURCES[name].tasks) for name in SOURCES},
         "architectures": ARCHITECTURES.names(),
         "weightings": WEIGHTINGS.names(),
+        "encodings": {name: ENCODINGS[name].mantissa_bits for name in ENCODINGS},
     }
 
 

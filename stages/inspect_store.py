@@ -20,12 +20,13 @@ def format_summary(summary: dict) -> str:
     for name, f in summary["features"].items():
         mean, std = f["channel_mean"], f["channel_std"]
         lines += [
-            f"  {name}: {f['shape']} {f['dtype']}, codecs {' + '.join(f['codecs'])}",
+            f"  {name}: {f['shape']} stored as {f['dtype']} ({summary['encoding']} encoding), "
+            f"codecs {' + '.join(f['codecs'])}",
             f"    {f['bytes_on_disk'] / 1e6:.2f} MB on disk, {f['bytes_raw_float32'] / 1e6:.2f} MB "
             f"as raw float32: ratio {f['ratio']:.3f}",
-            f"    channel mean min/median/max {mean['min']:.3g} / {mean['median']:.3g} / "
-            f"{mean['max']:.3g}; channel std {std['min']:.3g} / {std['median']:.3g} / "
-            f"{std['max']:.3g}",
+            f"    decoded values: channel mean min/median/max {mean['min']:.3g} / "
+            f"{mean['median']:.3g} / {mean['max']:.3g}; channel std {std['min']:.3g} / "
+            f"{std['median']:.3g} / {std['max']:.3g}",
             f"    exact zeros {100 * f['zero_share']:.1f}%, NaN {f['nan']}, Inf {f['inf']}",
         ]
     return "\n".join(lines)

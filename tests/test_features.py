@@ -18,7 +18,7 @@ from conftest import BIN, TINY_PARAMS, kdmtl, write_params
 from pipeline.augment import apply_view, draw_views
 from pipeline.checkpoints import load_checkpoint, load_teacher, save_checkpoint
 from pipeline.files import sha256_file
-from pipeline.store.checks import lazy_feature
+from pipeline.store.checks import bytes_on_disk, lazy_feature
 from pipeline.store.features import FeatureStore
 from pipeline.store.manifest import write_manifest
 from pipeline.store.prepared import open_prepared
@@ -116,7 +116,7 @@ def test_extraction_writes_the_layout_and_manifest(project: Path):
 
 
 def test_float32_and_bit_rounding(project: Path):
-    write_params(project, FEATURE_PARAMS | {"features": {"shard_chunks": 1, "dtype": "float32"}})
+    write_params(project, FEATURE_PARAMS | {"features": {"shard_chunks": 1, "encoding": "float32"}})
     extract()
     exact = FeatureStore.open(project / STORE)
     assert exact.array("decoder").dtype == np.float32
@@ -129,6 +129,58 @@ def test_float32_and_bit_rounding(project: Path):
     values = rounded.array("decoder")[:]
     assert (values.view(np.uint16) & 0b1111111).max() == 0  # the 7 dropped mantissa bits
     np.testing.assert_allclose(values, full, rtol=2**-3, atol=1e-4)
+
+
+def test_normalized_int8_stores_each_pixel_as_a_unit_vector_within_a_step(project: Path):
+    extract()
+    float16_disk = bytes_on_disk(project / STORE / "train")
+    features = FEATURE_PARAMS["features"] | {"encoding": "normalized-int8"}
+    write_params(project, FEATURE_PARAMS | {"features": features})
+    extract()
+    store = FeatureStore.open(project / STORE)
+    assert store.manifest.encoding == "normalized-int8"
+    assert store.array("decoder").dtype == np.int8
+    assert bytes_on_disk(project / STORE / "train") < float16_disk
+    for index in (0, 7, 11):
+        fresh = recomputed(project, index, np.array([1, 0, 0, 0], np.float32))
+        for name in ("bottleneck", "decoder"):
+            stored = store.array(name)[index, 0]
+            unit = fresh[name] / np.sqrt((fresh[name] ** 2).sum(axis=0) + 1e-6)
+            # Rounding to the nearest step of 1/127, from the same teacher's features.
+            np.testing.assert_allclose(stored / 127, unit, rtol=0, atol=0.5 / 127 + 1e-5)
+            norms = np.sqrt(((stored / 127) ** 2).sum(axis=0))
+            live = (fresh[name] ** 2).sum(axis=0) > 1e-3
+            np.testing.assert_allclose(norms[live], 1, atol=0.02)
+    lazy = lazy_feature(store, "decoder")
+    assert lazy.dtype == np.float32
+    np.testing.assert_allclose(lazy[3].compute(), store.array("decoder")[3] / 127, rtol=1e-6)
+
+    text = kdmtl("inspect", str(STORE)).output
+    assert "decoder: [12, 1, 4, 16, 24] stored as int8 (normalized-int8 encoding)" in text
+    result = kdmtl("verify", str(STORE), "--checks", "3")
+    assert result.exit_code == 0, result.output
+    assert "ok: recomputed 3 sample views with the teacher (normalized-int8): max absolute" in (
+        result.output
+    )
+    assert "(tolerance 7.9e-03)" in result.output
+
+
+def test_verify_catches_int8_values_off_by_more_than_a_step(project: Path):
+    features = FEATURE_PARAMS["features"] | {"encoding": "normalized-int8"}
+    write_params(project, FEATURE_PARAMS | {"features": features})
+    extract()
+    store = FeatureStore.open(project / STORE)
+    decoder = store.array("decoder")
+    for shard in range(3):  # rewritten through zarr and recorded: every checksum holds
+        start, stop = store.shard_range(shard)
+        decoder[start:stop] = np.clip(decoder[start:stop].astype(np.int16) + 2, -127, 127)
+        store.mark_done(shard)
+    result = kdmtl("verify", str(STORE), "--checks", "3")
+    assert result.exit_code == 1
+    assert "checksums ok" in result.output
+    assert "PROBLEM: decoder differs from the teacher's recomputed features: absolute error" in (
+        result.output
+    )
 
 
 def test_views_replay_exactly_what_the_teacher_saw(project: Path):
@@ -256,7 +308,10 @@ def test_inspect_prints_sizes_and_statistics(project: Path):
     assert "teacher depth, 12 samples x 1 views (augment off), 3/3 shards written, complete" in (
         text.output
     )
-    assert "decoder: [12, 1, 4, 16, 24] float16, codecs bytes + blosc + crc32c" in text.output
+    assert (
+        "decoder: [12, 1, 4, 16, 24] stored as float16 (float16 encoding), codecs bytes + blosc "
+        "+ crc32c" in text.output
+    )
     summary = json.loads(kdmtl("inspect", str(STORE), "--json").output)
     decoder = summary["features"]["decoder"]
     assert decoder["bytes_raw_float32"] == 12 * 4 * 16 * 24 * 4
@@ -370,5 +425,5 @@ def test_float16_overflow_asks_for_float32(project: Path):
     result = kdmtl("extract-features", "--teacher", "depth")
     assert result.exit_code == 2
     assert "decoder feature is not finite in float16" in result.output
-    assert "set features.dtype: float32" in result.output
+    assert "an overflow? set features.encoding: float32" in result.output
     assert not FeatureStore.open(project / STORE).manifest.complete

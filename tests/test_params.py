@@ -48,9 +48,25 @@ def test_an_empty_params_file_means_all_defaults(tmp_path: Path):
         ({"device": "gpu"}, "'gpu' is not a device; allowed: auto, cpu, cuda, cuda:N"),
         (
             {"loader": {"resident": "gpu"}},
-            "loader.resident: Input should be 'auto', 'ram' or 'off'",
+            "loader.resident: Input should be 'auto', 'ram', 'device' or 'off'",
         ),
         ({"loader": {"memory_budget_gb": True}}, "loader.memory_budget_gb: "),
+        (
+            {"features": {"dtype": "float32"}},
+            "features: features.dtype is now features.encoding: write encoding: float32",
+        ),
+        (
+            {"features": {"encoding": "int8"}},
+            "'int8' is not a feature encoding; allowed: float32, float16, normalized-int8",
+        ),
+        (
+            {"features": {"encoding": "normalized-int8", "keep_bits": 4}},
+            "keep_bits rounds float mantissas, and normalized-int8 stores integers: use null",
+        ),
+        (
+            {"features": {"keep_bits": 10}},
+            "keep_bits must be below the 10 mantissa bits of float16 (got 10)",
+        ),
         ({"loader": {"memory_budget_gb": 0}}, "loader.memory_budget_gb: Input should be greater"),
         (
             {"data": {"source": "kitti"}},

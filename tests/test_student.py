@@ -25,12 +25,18 @@ from pipeline.store.features import FeatureStore
 from pipeline.store.prepared import open_prepared
 from pipeline.store.resident import ResidentChunks, available_memory
 from pipeline.store.stream import ChunkStream
-from pipeline.student import StudentSource, build_distiller, choose_residency
+from pipeline.student import (
+    StudentSource,
+    build_distiller,
+    choose_residency,
+    refuse_unusable_encodings,
+)
 from pipeline.tasks import TASKS, higher_is_better, make_tasks
 from schemas.checkpoint import EvaluationHeadline, EvaluationReport, StudentMetadata
 from schemas.params import LoaderParams, StudentParams
 
 TASK_NAMES = ["semseg", "depth", "normal"]
+CPU = torch.device("cpu")
 PARAMS = TINY_PARAMS | {
     "features": {"shard_chunks": 1},
     "student": {"epochs": 1, "batch_size": 4},
@@ -155,16 +161,21 @@ def epochs_of_batches(source: StudentSource, epochs: int = 2) -> list[list[dict]
     return [[{k: v.clone() for k, v in batch.items()} for batch in stream] for _ in range(epochs)]
 
 
+@pytest.mark.parametrize("held_on", [None, CPU], ids=["ram", "device"])
 @pytest.mark.parametrize("distil", [True, False], ids=["cached-features", "augmented"])
-def test_resident_and_streamed_batches_are_identical(project: Path, distil: bool):
-    """Each epoch the same batches whether the data is decoded once or read every epoch; the
-    augmented case draws fresh views per epoch, which must not be held in memory."""
+def test_resident_and_streamed_batches_are_identical(project: Path, distil: bool, held_on):
+    """Each epoch the same batches whether the data is decoded once (the features as numpy
+    arrays, or as tensors on the training device) or read every epoch; the augmented case draws
+    fresh views per epoch, which must not be held in memory."""
     prepared = open_prepared(project / "data/prepared.zarr")
     stores = stores_of(project) if distil else None
     streamed = StudentSource(prepared, TASK_NAMES, stores, augment=not distil, seed=0)
     resident = StudentSource(prepared, TASK_NAMES, stores, augment=not distil, seed=0)
-    resident.hold_in_memory(progress=False)
+    resident.hold_in_memory(held_on, progress=False)
     assert isinstance(resident.split, ResidentChunks)
+    if distil:
+        held = resident.features["depth"].read_chunk(0)["decoder"]
+        assert isinstance(held, torch.Tensor if held_on else np.ndarray)
     first, second = epochs_of_batches(streamed), epochs_of_batches(resident)
     assert len(first[0]) == 4 and first[0][0]["image"].shape == (3, 3, 16, 24)
     if distil:
@@ -181,25 +192,35 @@ def test_resident_and_streamed_batches_are_identical(project: Path, distil: bool
 def test_residency_follows_the_mode_and_the_budget(project: Path, capsys):
     prepared = open_prepared(project / "data/prepared.zarr")
     source = StudentSource(prepared, TASK_NAMES, stores_of(project), augment=False, seed=0)
-    needed = source.decoded_nbytes()
+    split, features = source.decoded_nbytes()
     chunk = sum(v.nbytes for v in source.split.read_chunk(0).values())
-    assert chunk * 3 < needed  # the features are counted too (3 chunks of 12 samples)
+    assert split == chunk * 3  # 3 chunks of 12 samples
+    decoder = stores_of(project)["depth"].array("decoder")
+    assert features > 3 * decoder.nbytes  # two features of three teachers
+    needed = split + features
     loader = LoaderParams(memory_budget_gb=needed * 1.001 / 1e9)
-    assert choose_residency(source, loader)
+    assert choose_residency(source, loader, CPU) == "ram"  # auto picks ram on a CPU
     assert "student: training data decoded once and read from memory" in capsys.readouterr().out
+    assert choose_residency(source, loader.model_copy(update={"resident": "device"}), CPU) == (
+        "device"
+    )
+    assert "teachers' features held on cpu (features 0.00 GB on cpu" in capsys.readouterr().out
     small = loader.model_copy(update={"memory_budget_gb": needed / 2e9})
-    assert not choose_residency(source, small)
+    assert choose_residency(source, small, CPU) == "off"
     assert "streamed from disk every epoch (0.00 GB decoded, budget" in capsys.readouterr().out
-    assert not choose_residency(source, loader.model_copy(update={"resident": "off"}))
+    off = loader.model_copy(update={"resident": "off"})
+    assert choose_residency(source, off, CPU) == "off"
     assert "(loader.resident off)" in capsys.readouterr().out
-    with pytest.raises(KdmtlError, match=r"loader.resident is ram, but the training data takes"):
-        choose_residency(source, small.model_copy(update={"resident": "ram"}))
+    for mode in ("ram", "device"):
+        with pytest.raises(KdmtlError, match=rf"loader.resident is {mode}, but the training data"):
+            choose_residency(source, small.model_copy(update={"resident": mode}), CPU)
     # Reader processes split the chunks between them, which changes the batches: never resident.
     workers = loader.model_copy(update={"num_workers": 2})
-    assert not choose_residency(source, workers)
+    assert choose_residency(source, workers, CPU) == "off"
     assert "by reader processes (loader.num_workers > 0" in capsys.readouterr().out
-    with pytest.raises(KdmtlError, match=r"ram, which reads in the training process: set"):
-        choose_residency(source, workers.model_copy(update={"resident": "ram"}))
+    for mode in ("ram", "device"):
+        with pytest.raises(KdmtlError, match=rf"{mode}, which reads in the training process: set"):
+            choose_residency(source, workers.model_copy(update={"resident": mode}), CPU)
 
 
 def test_the_free_memory_is_what_a_container_limit_leaves(tmp_path: Path, monkeypatch):
@@ -216,13 +237,16 @@ def test_the_free_memory_is_what_a_container_limit_leaves(tmp_path: Path, monkey
     assert available_memory() > 600_000
 
 
-def test_cached_views_are_replayed_on_the_input_and_targets(trained: Path, tmp_path: Path):
+@pytest.mark.parametrize("held_on", [None, CPU], ids=["streamed", "device"])
+def test_cached_views_are_replayed_on_the_input_and_targets(tmp_path: Path, held_on):
     folder = tmp_path / "views"
     data = PARAMS["data"] | {"augment": True}
     build(folder, PARAMS | {"data": data, "features": {"shard_chunks": 1, "views": 3}})
     prepared = open_prepared(folder / "data/prepared.zarr")
     stores = stores_of(folder)
     source = StudentSource(prepared, TASK_NAMES, stores, augment=True, seed=0)
+    if held_on is not None:
+        source.hold_in_memory(held_on, progress=False)
     picks = []
     for epoch in range(3):
         block = source.read_chunk(2, epoch)
@@ -367,6 +391,57 @@ def test_online_and_cached_distillation_agree_on_the_same_batch(project: Path):
 
 
 PARAMS_KD_WEIGHTS = {"semseg": 1.0, "depth": 1.0, "normal": 2.0}
+
+
+def test_kd_from_normalized_int8_stores_agrees_with_online_teachers(project: Path):
+    """The loss sees unit vectors: int8 stores of them give the online loss within a step."""
+    int8 = PARAMS | {"features": {"shard_chunks": 1, "encoding": "normalized-int8"}}
+    write_params(project, int8)
+    for task in TASK_NAMES:
+        assert kdmtl("extract-features", "--teacher", task).exit_code == 0
+    prepared = open_prepared(project / "data/prepared.zarr")
+    stores = stores_of(project)
+    source = StudentSource(prepared, TASK_NAMES, stores, augment=False, seed=0)
+    source.hold_in_memory(CPU, progress=False)  # int8 tensors, decoded per batch
+    batch = next(iter(ChunkStream(source, batch_size=4, shuffle=False)))
+    assert batch["depth.decoder"].dtype == torch.int8
+    teachers = {t: load_teacher(project / f"models/teachers/{t}.pt")[0] for t in TASK_NAMES}
+    torch.manual_seed(0)
+    student = {"bottleneck": torch.randn(4, 8, 4, 6), "decoder": torch.randn(4, 4, 16, 24)}
+    channels = {t: teachers[t].feature_channels() for t in TASK_NAMES}
+    distiller = Distiller({"bottleneck": 8, "decoder": 4}, channels, PARAMS_KD_WEIGHTS)
+    cached = {
+        t: {n: stores[t].encoding.decode(batch[f"{t}.{n}"]) for n in ("bottleneck", "decoder")}
+        for t in TASK_NAMES
+    }
+    with torch.no_grad():
+        online = {t: teachers[t].distilled_features(batch["image"]) for t in TASK_NAMES}
+        per_task = dict.fromkeys(TASK_NAMES, student)
+        cached_loss, _ = distiller(per_task, cached)
+        online_loss, _ = distiller(per_task, online)
+    assert cached_loss.item() == pytest.approx(online_loss.item(), rel=1e-2)
+    result = kdmtl("train-student")
+    assert result.exit_code == 0, result.output
+    assert curve(project / "metrics/student", "train/dist_depth.decoder")[1] > 0
+
+
+def test_a_loss_that_compares_magnitudes_refuses_normalized_stores(project: Path):
+    class MagnitudeDistiller(Distiller):
+        uses_teacher_magnitudes = True
+
+    stores = stores_of(project)
+    refuse_unusable_encodings(stores, MagnitudeDistiller)  # float16 keeps magnitudes
+    refuse_unusable_encodings(stores, Distiller)
+    write_params(project, PARAMS | {"features": {"shard_chunks": 1, "encoding": "normalized-int8"}})
+    assert kdmtl("extract-features", "--teacher", "depth").exit_code == 0
+    refuse_unusable_encodings(stores_of(project), Distiller)
+    with pytest.raises(DataError) as refused:
+        refuse_unusable_encodings(stores_of(project), MagnitudeDistiller)
+    assert str(refused.value) == (
+        f"feature store {project / 'features/depth.zarr'} holds normalized-int8 features, unit "
+        "vectors without the teacher's magnitudes, which this distillation loss compares: set "
+        "features.encoding: float16, then run `kdmtl extract-features --teacher depth`"
+    )
 
 
 def test_online_kd_trains_from_the_teachers(project: Path):

@@ -13,14 +13,13 @@ from pipeline.models import FEATURES, Architecture
 from pipeline.store.extract import teacher_features
 from pipeline.store.features import SPLIT, FeatureStore, keep_bits
 from pipeline.store.prepared import PreparedStore
-from schemas.params import MANTISSA_BITS
 
 
 def lazy_feature(store: FeatureStore, name: str) -> da.Array:
-    """A feature as a lazy dask array, one block per shard (dask would otherwise take the small
-    inner chunks of a sharded array as its blocks)."""
-    array = store.array(name)
-    return da.from_zarr(array, chunks=array.shards or array.chunks)
+    """A feature as a lazy float32 dask array, decoded from the store's encoding, one block per
+    shard (dask would otherwise take the small inner chunks of a sharded array as its blocks)."""
+    array = store.array(name, "r")
+    return store.encoding.decode_array(da.from_zarr(array, chunks=array.shards or array.chunks))
 
 
 def bytes_on_disk(folder: Path) -> int:
@@ -28,8 +27,9 @@ def bytes_on_disk(folder: Path) -> int:
 
 
 def summarize(store: FeatureStore) -> dict:
-    """Per feature: layout, codecs, sizes and value statistics, computed shard by shard in
-    float64 (float16 sums overflow), so memory stays flat whatever the store's size."""
+    """Per feature: layout, encoding, codecs, sizes and statistics of the decoded values,
+    computed shard by shard in float64 (float16 sums overflow), so memory stays flat whatever
+    the store's size."""
     store.check_intact()
     manifest = store.manifest
     done = len(store.done_shards())
@@ -42,6 +42,7 @@ def summarize(store: FeatureStore) -> dict:
         "shards_complete": done,
         "shards": manifest.num_shards,
         "complete": manifest.complete,
+        "encoding": manifest.encoding,
         "features": {},
     }
     for name in manifest.features:
@@ -78,12 +79,6 @@ def _spread(values: np.ndarray) -> dict[str, float]:
         "median": float(np.median(values)),
         "max": float(values.max()),
     }
-
-
-def tolerance(dtype: str, keep_bits: int | None) -> float:
-    """Relative error allowed between a stored and a recomputed feature: twice the unit
-    round-off of the stored precision (BitRound keeps `keep_bits` mantissa bits)."""
-    return 2.0 ** -(keep_bits if keep_bits is not None else MANTISSA_BITS[dtype])
 
 
 @dataclass
@@ -143,22 +138,21 @@ def recompute(
     images = prepared.array(SPLIT, "image").oindex[samples].astype(np.float32) / np.float32(255)
     views = store.array("views").oindex[samples][np.arange(len(samples)), chosen_views]
     recomputed = teacher_features(teacher, torch.from_numpy(images), views[:, None], 64, device)
-    info = manifest.features[FEATURES[0]]
-    allowed = tolerance(info.dtype, keep_bits(info.codecs))
+    encoding = store.encoding
+    allowed = encoding.tolerance(keep_bits(manifest.features[FEATURES[0]].codecs))
+    kind = encoding.error_kind
     errors = {}
     for name in manifest.features:
         chosen = store.array(name, "r").oindex[samples][np.arange(len(samples)), chosen_views]
-        stored = chosen.astype(np.float32)
-        fresh = recomputed[name][:, 0].numpy()
-        relative = np.abs(stored - fresh) / (np.abs(fresh) + 1e-3)
-        errors[name] = float(relative.max())
+        expected = encoding.expected(recomputed[name][:, 0].numpy())
+        errors[name] = float(encoding.errors(encoding.decode_array(chosen), expected).max())
         if errors[name] > allowed:
             report.problems.append(
-                f"{name} differs from the teacher's recomputed features: relative error "
+                f"{name} differs from the teacher's recomputed features: {kind} error "
                 f"{errors[name]:.2e} > {allowed:.2e}"
             )
     shown = ", ".join(f"{name} {value:.1e}" for name, value in errors.items())
     report.checked.append(
-        f"recomputed {len(samples)} sample views with the teacher: max relative error {shown} "
-        f"(tolerance {allowed:.1e})"
+        f"recomputed {len(samples)} sample views with the teacher ({encoding.name}): max {kind} "
+        f"error {shown} (tolerance {allowed:.1e})"
     )

@@ -18,6 +18,7 @@ from pipeline.augment import apply_views, draw_views
 from pipeline.errors import KdmtlError
 from pipeline.models import FEATURES, Architecture
 from pipeline.progress import progress_bar
+from pipeline.store.encodings import FeatureEncoding
 from pipeline.store.features import SPLIT, FeatureStore
 from pipeline.store.prepared import PreparedSplit, PreparedStore
 
@@ -61,6 +62,10 @@ def shard_inputs(
         yield shard, torch.from_numpy(block), views
 
 
+class NonFiniteFeature(KdmtlError):
+    """A teacher feature holds NaN or Inf, as computed or once encoded."""
+
+
 @torch.inference_mode()
 def teacher_features(
     teacher: Architecture,
@@ -68,9 +73,11 @@ def teacher_features(
     views: np.ndarray,
     batch_size: int,
     device: torch.device,
-    dtype: torch.dtype = torch.float32,
+    encoding: FeatureEncoding | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Features [n, V, C, h, w] in `dtype` of each sample's views, from the teacher (eval mode)."""
+    """Features [n, V, C, h, w] of each sample's views, from the teacher (eval mode): float32, or
+    stored values of `encoding`, encoded on `device`. A value that is not finite, as computed or
+    once encoded, raises NonFiniteFeature."""
     count, num_views = views.shape[:2]
     flat = views.reshape(count * num_views, -1)  # (sample, view) pairs, sample-major
     outputs: dict[str, torch.Tensor] = {}
@@ -79,9 +86,14 @@ def teacher_features(
         samples = torch.arange(first, stop) // num_views
         inputs, _ = apply_views(flat[first:stop], images[samples], {})
         for name, feature in teacher.distilled_features(inputs.to(device)).items():
+            stored = feature if encoding is None else encoding.encode(feature)
+            # A float encoding keeps NaN and Inf and overflows to Inf; an integer one cannot
+            # show them, so its input is checked.
+            if not torch.isfinite(stored if stored.is_floating_point() else feature).all():
+                raise NonFiniteFeature(name)
             if name not in outputs:
-                outputs[name] = torch.empty((len(flat), *feature.shape[1:]), dtype=dtype)
-            outputs[name][first:stop] = feature
+                outputs[name] = torch.empty((len(flat), *stored.shape[1:]), dtype=stored.dtype)
+            outputs[name][first:stop] = stored
     return {name: out.reshape(count, num_views, *out.shape[1:]) for name, out in outputs.items()}
 
 
@@ -170,17 +182,22 @@ def extract(
         bar.update(samples)
 
     writer = _ShardWriter(store, on_written)
-    dtype_name = store.manifest.features[FEATURES[0]].dtype
-    dtype = getattr(torch, dtype_name)
+    encoding = store.encoding
     try:
         for shard, images, views in shard_inputs(store, prepared, todo):
-            features = teacher_features(teacher, images, views, batch_size, device, dtype)
-            for name, feature in features.items():
-                if not torch.isfinite(feature).all():
-                    raise KdmtlError(
-                        f"teacher {store.manifest.task}'s {name} feature is not finite in "
-                        f"{dtype_name} (overflow?); set features.dtype: float32"
+            try:
+                features = teacher_features(teacher, images, views, batch_size, device, encoding)
+            except NonFiniteFeature as error:
+                overflow = encoding.dtype == "float16"
+                raise KdmtlError(
+                    f"teacher {store.manifest.task}'s {error} feature is not finite in "
+                    f"{encoding.name}: "
+                    + (
+                        "an overflow? set features.encoding: float32"
+                        if overflow
+                        else "the teacher itself gives NaN or Inf; check its checkpoint"
                     )
+                ) from None
             start, stop = store.shard_range(shard)
             values = {name: feature.numpy() for name, feature in features.items()}
             values["sample_id"] = np.arange(start, stop, dtype=np.int64)

@@ -9,8 +9,9 @@ Layout of `features/TASK.zarr` (split `train`):
   written: the size and sha256 of each array's shard file (`pipeline.store.integrity`).
 
 All arrays are chunked along samples on the prepared data's grid and sharded (`shard_chunks` chunks
-per file), so a store holds tens of files. Features are stored as float16 by default, optionally
-bit-rounded, compressed by Blosc and checksummed with crc32c, so a corrupted chunk fails at read.
+per file), so a store holds tens of files. Features are stored in the manifest's encoding
+(`pipeline.store.encodings`: float16 by default, optionally bit-rounded), compressed by Blosc and
+checksummed with crc32c, so a corrupted chunk fails at read.
 The group attributes hold a sealed `FeatureManifest`, marked complete only when every shard is
 written.
 
@@ -37,6 +38,7 @@ from pipeline import __version__
 from pipeline.augment import SCALES
 from pipeline.errors import DAMAGE, DataError, reading
 from pipeline.files import remove_leftovers, work_path
+from pipeline.store.encodings import ENCODINGS, FeatureEncoding, encoding_named
 from pipeline.store.integrity import (
     RECORD_WORDS,
     chunk_file,
@@ -86,8 +88,9 @@ def feature_codecs(config: FeatureParams) -> tuple[list, list]:
 def codec_records(config: FeatureParams) -> list[dict]:
     """The features' codecs as zarr records them in an array's metadata."""
     filters, compressors = feature_codecs(config)
+    dtype = encoding_named(config.encoding).dtype
     probe = zarr.create_array(
-        store={}, shape=(1,), dtype=config.dtype, filters=filters, compressors=compressors
+        store={}, shape=(1,), dtype=dtype, filters=filters, compressors=compressors
     )
     return [c.to_dict() for c in probe.metadata.codecs]
 
@@ -115,7 +118,7 @@ def plan_manifest(
     features = {
         name: FeatureArrayInfo(
             shape=[count, config.views, *shape],
-            dtype=config.dtype,
+            dtype=encoding_named(config.encoding).dtype,
             chunks=[chunk, config.views, *shape],
             shards=[shard, config.views, *shape],
             codecs=codecs,
@@ -132,6 +135,7 @@ def plan_manifest(
         shard_size=shard,
         num_shards=-(-count // shard),
         views=view_spec(config, augment),
+        encoding=config.encoding,
         features=features,
         kdmtl_version=__version__,
         metadata_files={},  # recorded once the store is created
@@ -217,6 +221,16 @@ class FeatureStore:
     def shard_arrays(manifest: FeatureManifest) -> list[str]:
         """The arrays with one file per shard, in the order of their records in `written`."""
         return [*manifest.features, "sample_id", "views"]
+
+    @property
+    def encoding(self) -> FeatureEncoding:
+        name = self.manifest.encoding
+        if name not in ENCODINGS:
+            raise DataError(
+                f"{self.path} holds features in the encoding {name!r}, which this kdmtl does not "
+                f"know (it knows {', '.join(ENCODINGS)}): {self.remedy}"
+            )
+        return encoding_named(name)
 
     @property
     def remedy(self) -> str:
@@ -344,12 +358,13 @@ class FeatureStore:
         return problems
 
     def layout_against(self, config: FeatureParams, augment: bool) -> list[str]:
-        """What makes the store's values other than the features params would give: the stored
-        dtype, BitRound's kept bits, and the cached views (their seed only with augmentation).
+        """What makes the store's values other than the features params would give: the
+        encoding, BitRound's kept bits, and the cached views (their seed only with augmentation).
         Codecs that change only the bytes on disk (compressor, level) do not count."""
         problems = []
         info = next(iter(self.manifest.features.values()))
-        held, wanted = (info.dtype, keep_bits(info.codecs)), (config.dtype, config.keep_bits)
+        held = (self.manifest.encoding, keep_bits(info.codecs))
+        wanted = (config.encoding, config.keep_bits)
         if held != wanted:
             problems.append(
                 f"features stored as {held[0]} with keep_bits {held[1]} (params: {wanted[0]}, "

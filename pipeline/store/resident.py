@@ -6,11 +6,13 @@ that once instead of once per epoch is what makes the cache cheaper than running
 """
 
 import os
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import psutil
+import torch
 
 from pipeline.progress import progress_bar
 from pipeline.store.stream import ChunkSource
@@ -50,30 +52,41 @@ def chunk_nbytes(block: dict[str, np.ndarray]) -> int:
 class ResidentChunks:
     """A ChunkSource's chunks, each read once from `source` and kept: `read_chunk` then returns
     the same values as `source.read_chunk` would, from memory. Chunks are read by a pool of
-    threads (Blosc and zarr's codecs release the GIL), with a progress bar.
+    threads (Blosc and zarr's codecs release the GIL), with a progress bar. With a `device`, the
+    arrays named in `on_device` are kept there as tensors (the rest stay numpy arrays).
 
     The arrays are shared between epochs: callers replace a block's entries, never write into
     them (a fresh dict is returned each time)."""
 
     def __init__(
-        self, source: ChunkSource, description: str, threads: int = 0, progress: bool = True
+        self,
+        source: ChunkSource,
+        description: str,
+        device: torch.device | None = None,
+        on_device: Collection[str] = (),
+        threads: int = 0,
+        progress: bool = True,
     ) -> None:
         self.chunk_size = source.chunk_size
         self.length = len(source)
         count = num_chunks(source)
-        first = source.read_chunk(0)  # in this thread: sources open their arrays lazily
+
+        def read(chunk: int) -> dict:
+            block = source.read_chunk(chunk)
+            if device is not None:
+                for name in on_device:
+                    block[name] = torch.from_numpy(block[name]).to(device)
+            return block
+
+        first = read(0)  # in this thread: sources open their arrays lazily
         threads = threads or min(8, os.cpu_count() or 1)
         with ThreadPoolExecutor(threads) as pool:
-            rest = pool.map(source.read_chunk, range(1, count))
+            rest = pool.map(read, range(1, count))
             bar = progress_bar(rest, progress, total=count, initial=1, desc=description)
             self.chunks = [first, *bar]
 
     def __len__(self) -> int:
         return self.length
 
-    @property
-    def nbytes(self) -> int:
-        return sum(chunk_nbytes(chunk) for chunk in self.chunks)
-
-    def read_chunk(self, chunk: int, epoch: int = 0) -> dict[str, np.ndarray]:
+    def read_chunk(self, chunk: int, epoch: int = 0) -> dict:
         return dict(self.chunks[chunk])

@@ -5,6 +5,10 @@ along the sample axis), shuffles the chunk order each epoch, and shuffles sample
 buffer of chunks, reading the next group of chunks ahead. Memory holds at most twice
 `buffer_chunks` chunks, whatever the dataset size. Under a DataLoader with worker processes, each
 worker takes every k-th chunk and opens its stores lazily.
+
+A chunk's arrays may be numpy arrays or torch tensors, on any device: batches are gathered with
+one indexing operation per chunk and array, never a Python loop over samples, so features held on
+a GPU are batched there.
 """
 
 from collections.abc import Iterator
@@ -46,6 +50,7 @@ class ChunkStream(IterableDataset):
         buffer_chunks: int = 4,
         drop_last: bool = False,
         read_ahead: bool = True,
+        pin_memory: bool = False,
     ) -> None:
         self.source = source
         self.batch_size = batch_size
@@ -54,6 +59,9 @@ class ChunkStream(IterableDataset):
         self.buffer_chunks = buffer_chunks
         self.drop_last = drop_last
         self.read_ahead = read_ahead
+        # Batches in page-locked host memory, for non-blocking copies to a GPU; a DataLoader
+        # with workers pins them itself, in the training process.
+        self.pin_memory = pin_memory
         self.epoch = 0
 
     @property
@@ -78,7 +86,8 @@ class ChunkStream(IterableDataset):
         worker = get_worker_info()
         if worker is not None:
             chunks = chunks[worker.id :: worker.num_workers]
-        pending: dict[str, np.ndarray] | None = None  # fewer than a batch, carried over
+        pin = self.pin_memory and worker is None
+        pending: Batch | None = None  # fewer than a batch, carried over
         groups = [
             chunks[i : i + self.buffer_chunks] for i in range(0, len(chunks), self.buffer_chunks)
         ]
@@ -87,15 +96,21 @@ class ChunkStream(IterableDataset):
                 blocks.insert(0, pending)
             # (block, row) of every buffered sample: batches are gathered straight from the
             # blocks, one copy per batch, instead of concatenating the buffer first.
-            rows = [(b, r) for b, block in enumerate(blocks) for r in range(_length(block))]
+            lengths = [_length(block) for block in blocks]
+            block_of = np.repeat(np.arange(len(blocks)), lengths)
+            row_of = np.concatenate([np.arange(length) for length in lengths])
             if self.shuffle:
-                rows = [rows[i] for i in rng.permutation(len(rows))]
-            whole = len(rows) - len(rows) % self.batch_size
+                order = rng.permutation(len(row_of))
+                block_of, row_of = block_of[order], row_of[order]
+            whole = len(row_of) - len(row_of) % self.batch_size
             for start in range(0, whole, self.batch_size):
-                yield _gather(blocks, rows[start : start + self.batch_size])
-            pending = _gather_arrays(blocks, rows[whole:]) if whole < len(rows) else None
+                batch = slice(start, start + self.batch_size)
+                yield _gather(blocks, block_of[batch], row_of[batch], pin)
+            pending = (
+                _gather(blocks, block_of[whole:], row_of[whole:]) if whole < len(row_of) else None
+            )
         if pending is not None and not self.drop_last:
-            yield {name: torch.from_numpy(values) for name, values in pending.items()}
+            yield pending
 
     def _read_groups(
         self, groups: list[np.ndarray], epoch: int
@@ -118,23 +133,37 @@ class ChunkStream(IterableDataset):
                 yield blocks
 
 
-def _length(block: dict[str, np.ndarray]) -> int:
+def _length(block: dict) -> int:
     return len(next(iter(block.values())))
 
 
-def _gather_arrays(
-    blocks: list[dict[str, np.ndarray]], rows: list[tuple[int, int]]
-) -> dict[str, np.ndarray]:
-    return {name: np.stack([blocks[b][name][r] for b, r in rows]) for name in blocks[0]}
-
-
-def _gather(blocks: list[dict[str, np.ndarray]], rows: list[tuple[int, int]]) -> Batch:
-    return {name: torch.from_numpy(values) for name, values in _gather_arrays(blocks, rows).items()}
+def _gather(
+    blocks: list[dict], block_of: np.ndarray, row_of: np.ndarray, pin: bool = False
+) -> Batch:
+    """Rows `row_of` of blocks `block_of`, in that order, as tensors on the blocks' devices
+    (pinned host memory with `pin`): per block, one indexed read and one indexed write."""
+    parts = [(b, np.flatnonzero(block_of == b)) for b in np.unique(block_of)]
+    batch: Batch = {}
+    for name in blocks[0]:
+        first = torch.as_tensor(blocks[0][name])
+        out = torch.empty(
+            (len(row_of), *first.shape[1:]),
+            dtype=first.dtype,
+            device=first.device,
+            pin_memory=pin and first.device.type == "cpu",
+        )
+        for b, where in parts:
+            values = torch.as_tensor(blocks[b][name])
+            rows = torch.from_numpy(row_of[where]).to(values.device)
+            out[torch.from_numpy(where).to(out.device)] = values[rows]
+        batch[name] = out
+    return batch
 
 
 def make_loader(stream: ChunkStream, num_workers: int) -> DataLoader:
     """A DataLoader over a stream: workers start with `spawn` (zarr runs an asyncio loop on a
-    thread, which must not be forked), stay alive across epochs and read ahead of training."""
+    thread, which must not be forked), stay alive across epochs and read ahead of training; the
+    loader pins their batches when the stream would pin its own."""
     if num_workers == 0:
         return DataLoader(stream, batch_size=None)
     return DataLoader(
@@ -144,4 +173,5 @@ def make_loader(stream: ChunkStream, num_workers: int) -> DataLoader:
         multiprocessing_context="spawn",
         persistent_workers=True,
         prefetch_factor=4,
+        pin_memory=stream.pin_memory,
     )

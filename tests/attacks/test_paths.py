@@ -129,7 +129,7 @@ def test_path_store_holding_someones_files_is_not_replaced(outputs: Path):
     """A store of other features is replaced whole; not when someone put files in it."""
     (outputs / "features/depth.zarr/train/notes.txt").write_text("mine\n")
     params = yaml.safe_load((outputs / "params.yaml").read_text())
-    params["features"] = {"dtype": "float32"}
+    params["features"] = {"encoding": "float32"}
     write_params(outputs, params)
     refused(
         ("extract-features", "--teacher", "depth"),
@@ -148,7 +148,7 @@ def test_path_store_that_is_a_symbolic_link_is_refused(outputs: Path, store: str
     )
     if store.startswith("features"):
         params = yaml.safe_load((outputs / "params.yaml").read_text())
-        params["features"] = {"dtype": "float32"}
+        params["features"] = {"encoding": "float32"}
         write_params(outputs, params)
     before = snapshot(real)
     refused(command, f"{store} is a symbolic link")

@@ -40,10 +40,14 @@ def test_stale_prepared_data_changes_the_fingerprint(outputs: Path):
 @pytest.mark.parametrize(
     ("features", "fragment"),
     [
-        ({"dtype": "float32"}, "stored as float16 with keep_bits None (params: float32"),
+        ({"encoding": "float32"}, "stored as float16 with keep_bits None (params: float32"),
+        (
+            {"encoding": "normalized-int8"},
+            "stored as float16 with keep_bits None (params: normalized-int8",
+        ),
         ({"keep_bits": 5}, "(params: float16, keep_bits 5)"),
     ],
-    ids=["dtype", "keep_bits"],
+    ids=["float32", "normalized-int8", "keep_bits"],
 )
 def test_stale_feature_params_are_noticed_by_the_student(
     outputs: Path, features: dict, fragment: str
