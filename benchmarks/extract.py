@@ -35,13 +35,13 @@ def manifest_for(teacher: Architecture, prepared: PreparedStore, config: Feature
 
 
 def time_forward(teacher: Architecture, prepared: PreparedStore, config: FeatureParams) -> float:
-    """Read the prepared images and run the teacher over them as extraction does; write nothing."""
+    """Read the prepared images and run the teacher over them as extraction does, keeping its
+    float32 features; encode and write nothing."""
     store = FeatureStore(Path("unused"), manifest_for(teacher, prepared, config))
-    dtype = getattr(torch, config.dtype)
     started = time.perf_counter()
     shards = list(range(store.manifest.num_shards))
     for _shard, images, views in shard_inputs(store, prepared, shards):
-        teacher_features(teacher, images, views, config.batch_size, CPU, dtype)
+        teacher_features(teacher, images, views, config.batch_size, CPU)
     return time.perf_counter() - started
 
 
