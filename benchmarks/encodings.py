@@ -5,8 +5,8 @@
 Run after `dvc repro`: every row reuses data/prepared.zarr and the trained teachers (read only),
 and extracts, trains and evaluates in a temporary folder with the default params but
 `features.encoding` and `features.keep_bits` (and `student.epochs`), through the `kdmtl` commands.
-Prints one Markdown table: per encoding, the three stores' bytes on disk against raw float32, the
-extraction time, and Delta_MTL against the teachers, mean and standard deviation over the seeds.
+Prints one Markdown table: per encoding, the three stores' bytes on disk against raw float32, and
+Delta_MTL against the teachers, mean and standard deviation over the seeds.
 """
 
 import json
@@ -14,7 +14,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import click
@@ -53,10 +52,8 @@ def encoding_row(label: str, features: dict, seeds: list[int], epochs: int) -> s
             },
         }
         (folder / "params.yaml").write_text(yaml.safe_dump(config))
-        started = time.perf_counter()
         for task in params.tasks:
             run(folder, "extract-features", "--teacher", task)
-        extraction = time.perf_counter() - started
         disk = raw = 0
         for task in params.tasks:
             summary = json.loads(run(folder, "inspect", f"features/{task}.zarr", "--json"))
@@ -72,7 +69,7 @@ def encoding_row(label: str, features: dict, seeds: list[int], epochs: int) -> s
     spread = statistics.stdev(deltas) if len(deltas) > 1 else 0.0
     per_seed = ", ".join(f"{d:+.2f}" for d in deltas)
     return (
-        f"| {label} | {disk / 1e6:.1f} MB | {disk / raw:.3f} | {extraction:.1f} s | "
+        f"| {label} | {disk / 1e6:.1f} MB | {disk / raw:.3f} | "
         f"{statistics.mean(deltas):+.2f} ± {spread:.2f} | {per_seed} |"
     )
 
@@ -85,10 +82,10 @@ def main(seeds: str, epochs: int, only: str | None) -> None:
     seed_list = [int(s) for s in seeds.split(",")]
     chosen = [s for s in SETTINGS if only is None or s[0] in only.split(";")]
     click.echo(
-        "| encoding | features on disk (3 stores) | / raw float32 | extraction (3 teachers) | "
+        "| encoding | features on disk (3 stores) | / raw float32 | "
         f"Δ_MTL (%), mean ± std over seeds {seeds} | per seed |"
     )
-    click.echo("|---|---|---|---|---|---|")
+    click.echo("|---|---|---|---|---|")
     for label, features in chosen:
         click.echo(encoding_row(label, features, seed_list, epochs))
 

@@ -1,10 +1,12 @@
 """Student training benchmarks: the cost of distilling from the cache, the gain over online
 teachers, and memory as the dataset grows.
 
-    python benchmarks/student.py speed [--epochs 3] [--repeats 3]
+    python benchmarks/student.py speed [--epochs 3] [--repeats 3] [--paper --samples 8]
+                                       [--device cuda]
     python benchmarks/student.py memory
 
-Run after `dvc repro` (speed uses data/prepared.zarr, the teachers and the feature stores).
+`speed` on the default setting runs after `dvc repro` (it uses data/prepared.zarr, the teachers and
+the feature stores); with `--paper` it builds the paper-width setting of `setups.py` first.
 """
 
 import itertools
@@ -18,41 +20,33 @@ from pathlib import Path
 import click
 import torch
 import yaml
+from setups import Setting, default_setting, paper_setting
 
-from pipeline.checkpoints import load_teacher
-from pipeline.store.features import FeatureStore
-from pipeline.store.prepared import open_prepared
 from pipeline.student import train_student
+from pipeline.training import resolve_device
 from schemas.params import Params
-
-CPU = torch.device("cpu")
 
 
 def epoch_seconds(
-    params: Params, method: str, kd_source: str, epochs: int, resident: str = "off"
+    setting: Setting, method: str, kd_source: str, epochs: int, resident: str, device: torch.device
 ) -> float:
     """Median wall time of an epoch (training and the per-epoch test evaluation) after the first:
     what comes before the first epoch (building, decoding resident data) is not counted."""
-    prepared = open_prepared(Path(params.paths.prepared))
+    params = setting.params
     config = params.student.model_copy(
         update={"method": method, "kd_source": kd_source, "epochs": epochs}
     )
     loader = params.loader.model_copy(update={"resident": resident})
-    stores = teachers = None
-    if method == "kd" and kd_source == "cache":
-        stores = {
-            t: FeatureStore.open(Path(params.paths.features) / f"{t}.zarr") for t in params.tasks
-        }
-    elif method == "kd":
-        teachers = {
-            t: load_teacher(Path(params.paths.teachers) / f"{t}.pt")[0] for t in params.tasks
-        }
+    cached = method == "kd" and kd_source == "cache"
+    online = method == "kd" and kd_source == "online"
     ends = []
     train_student(
-        prepared, params.tasks, params.student_model, config, loader, CPU,
-        stores=stores, teachers=teachers, progress=False,
-        on_epoch=lambda _row: ends.append(time.perf_counter()),
+        setting.prepared, params.tasks, params.student_model, config, loader, device,
+        stores=setting.stores if cached else None, teachers=setting.teachers if online else None,
+        progress=False, on_epoch=lambda _row: ends.append(time.perf_counter()),
     )  # fmt: skip
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return statistics.median(b - a for a, b in itertools.pairwise(ends))
 
 
@@ -65,31 +59,60 @@ def main() -> None:
 @click.option("--epochs", default=3, show_default=True, help="At least 2: the first is not timed.")
 @click.option("--repeats", default=3, show_default=True)
 @click.option("--workers", default=0, show_default=True, help="loader.num_workers")
-def speed(epochs: int, repeats: int, workers: int) -> None:
-    """Epoch time of ew, kd from the cache (streamed), kd oracle (the cache decoded in memory
-    before the clock starts: the best any reader could do) and kd online, interleaved."""
-    params = Params.model_validate(yaml.safe_load(Path("params.yaml").read_text()))
-    params = params.model_copy(
-        update={"loader": params.loader.model_copy(update={"num_workers": workers})}
-    )
-    runs = {"ew": [], "kd cache": [], "kd oracle": [], "kd online": []}
-    for _ in range(repeats):
-        runs["ew"].append(epoch_seconds(params, "ew", "cache", epochs))
-        runs["kd cache"].append(epoch_seconds(params, "kd", "cache", epochs))
-        runs["kd oracle"].append(epoch_seconds(params, "kd", "cache", epochs, resident="ram"))
-        runs["kd online"].append(epoch_seconds(params, "kd", "online", epochs))
+@click.option("--paper", is_flag=True, help="The paper-width setting instead of the default one.")
+@click.option("--samples", default=32, show_default=True, help="Training samples with --paper.")
+@click.option("--device", "device_name", default="cpu", show_default=True, help="cpu, cuda, auto")
+@click.option("--skip-ew", is_flag=True, help="Leave out the ew row.")
+def speed(
+    epochs: int,
+    repeats: int,
+    workers: int,
+    paper: bool,
+    samples: int,
+    device_name: str,
+    skip_ew: bool,
+) -> None:
+    """Epoch time of ew, kd from the cache (streamed), kd oracle (the cache decoded into memory
+    before the clock starts, on the GPU with a GPU: the best any reader could do) and kd online,
+    interleaved."""
+    device = resolve_device(device_name)
+    oracle = "device" if device.type == "cuda" else "ram"
+    modes = {"ew": ("ew", "cache", "off"), "kd cache": ("kd", "cache", "off")}
+    if device.type == "cuda":  # resident in host memory, batches copied to the GPU
+        modes["kd resident ram"] = ("kd", "cache", "ram")
+    modes[f"kd oracle (resident {oracle})"] = ("kd", "cache", oracle)
+    modes["kd online"] = ("kd", "online", "off")
+    if skip_ew:
+        del modes["ew"]
+    with tempfile.TemporaryDirectory() as folder:
+        setting = paper_setting(Path(folder), samples, device) if paper else default_setting()
+        loader = setting.params.loader.model_copy(update={"num_workers": workers})
+        setting.params = setting.params.model_copy(update={"loader": loader})
+        runs = {name: [] for name in modes}
+        for _ in range(repeats):
+            for name, (method, source, resident) in modes.items():
+                runs[name].append(epoch_seconds(setting, method, source, epochs, resident, device))
     med = {name: statistics.median(times) for name, times in runs.items()}
+    data = setting.params.data
+    click.echo(
+        f"{data.num_train} training samples of {data.height}x{data.width}, student and teachers "
+        f"{setting.params.model.filters}, batch {setting.params.student.batch_size}, on {device}\n"
+    )
     click.echo(f"| method | epoch time (median of {repeats}, {epochs} epochs each) | runs |")
     click.echo("|---|---|---|")
     for name, times in runs.items():
         click.echo(f"| {name} | {med[name]:.2f} s | {', '.join(f'{t:.2f}' for t in times)} |")
-    click.echo(f"\nkd cache / ew: {med['kd cache'] / med['ew']:.3f}")
-    click.echo(
-        f"kd cache / kd oracle (the reader's own cost): {med['kd cache'] / med['kd oracle']:.3f}"
+    cache, best, online = (
+        med["kd cache"],
+        med[next(m for m in med if "oracle" in m)],
+        med["kd online"],
     )
+    if "ew" in med:
+        click.echo(f"\nkd cache / ew: {cache / med['ew']:.3f}")
+    click.echo(f"kd cache / kd oracle (the reader's own cost): {cache / best:.3f}")
     click.echo(
-        f"kd online / kd cache (what caching buys): {med['kd online'] / med['kd cache']:.3f}, "
-        f"limit kd online / kd oracle {med['kd online'] / med['kd oracle']:.3f}"
+        f"kd online / kd cache (what caching buys): {online / cache:.3f}, "
+        f"limit kd online / kd oracle {online / best:.3f}"
     )
 
 

@@ -20,7 +20,7 @@ from pipeline.checkpoints import load_checkpoint, load_teacher, save_checkpoint
 from pipeline.files import sha256_file
 from pipeline.store.checks import bytes_on_disk, lazy_feature
 from pipeline.store.features import FeatureStore
-from pipeline.store.manifest import write_manifest
+from pipeline.store.manifest import seal_of, write_manifest
 from pipeline.store.prepared import open_prepared
 from schemas.checkpoint import TeacherMetadata
 from stages.extract_features import parse_shard_of
@@ -180,6 +180,38 @@ def test_verify_catches_int8_values_off_by_more_than_a_step(project: Path):
     assert "checksums ok" in result.output
     assert "PROBLEM: decoder differs from the teacher's recomputed features: absolute error" in (
         result.output
+    )
+
+
+def test_a_store_without_an_encoding_in_its_manifest_is_refused(project: Path):
+    """Stores written before encodings existed: their manifest is sealed, but lacks the key."""
+    extract()
+    group = zarr.open_group(project / STORE, mode="r+")
+    record = dict(group.attrs["kdmtl"])
+    del record["encoding"]
+    group.attrs.update({"kdmtl": record, "kdmtl_seal": seal_of(record)})
+    result = kdmtl("inspect", str(STORE))
+    assert result.exit_code == 2
+    assert (
+        "features/depth.zarr has an invalid manifest (encoding: Field required; made by another "
+        "kdmtl version?): run `kdmtl extract-features --teacher depth`" in result.output
+    )
+    extract()  # extraction replaces it: it is a kdmtl feature store
+    assert FeatureStore.open(project / STORE).manifest.encoding == "float16"
+
+
+def test_an_int8_store_of_a_teacher_that_gives_nan_names_the_teacher(project: Path):
+    teacher, metadata = load_teacher(project / "models/teachers/depth.pt")
+    with torch.no_grad():
+        teacher.decoder[0][-1][1].weight[0] = float("nan")
+    save_checkpoint(project / "models/teachers/depth.pt", teacher, metadata)
+    features = FEATURE_PARAMS["features"] | {"encoding": "normalized-int8"}
+    write_params(project, FEATURE_PARAMS | {"features": features})
+    result = kdmtl("extract-features", "--teacher", "depth")
+    assert result.exit_code == 2
+    assert (
+        "teacher depth's decoder feature is not finite in normalized-int8: the teacher itself "
+        "gives NaN or Inf; check its checkpoint" in result.output
     )
 
 

@@ -77,10 +77,14 @@ def teacher_features(
 ) -> dict[str, torch.Tensor]:
     """Features [n, V, C, h, w] of each sample's views, from the teacher (eval mode): float32, or
     stored values of `encoding`, encoded on `device`. A value that is not finite, as computed or
-    once encoded, raises NonFiniteFeature."""
+    once encoded, raises NonFiniteFeature.
+
+    From a GPU, features are copied without blocking into page-locked host memory, and the checks
+    wait for the GPU once, at the end: the next batch computes while the last one is copied."""
     count, num_views = views.shape[:2]
     flat = views.reshape(count * num_views, -1)  # (sample, view) pairs, sample-major
     outputs: dict[str, torch.Tensor] = {}
+    nonfinite: dict[str, torch.Tensor] = {}
     for first in range(0, len(flat), batch_size):
         stop = min(first + batch_size, len(flat))
         samples = torch.arange(first, stop) // num_views
@@ -89,11 +93,21 @@ def teacher_features(
             stored = feature if encoding is None else encoding.encode(feature)
             # A float encoding keeps NaN and Inf and overflows to Inf; an integer one cannot
             # show them, so its input is checked.
-            if not torch.isfinite(stored if stored.is_floating_point() else feature).all():
-                raise NonFiniteFeature(name)
+            checked = stored if stored.is_floating_point() else feature
+            bad = ~torch.isfinite(checked).all()
+            nonfinite[name] = bad if name not in nonfinite else nonfinite[name] | bad
             if name not in outputs:
-                outputs[name] = torch.empty((len(flat), *stored.shape[1:]), dtype=stored.dtype)
-            outputs[name][first:stop] = stored
+                outputs[name] = torch.empty(
+                    (len(flat), *stored.shape[1:]),
+                    dtype=stored.dtype,
+                    pin_memory=device.type == "cuda",
+                )
+            outputs[name][first:stop].copy_(stored, non_blocking=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    for name, bad in nonfinite.items():
+        if bad:
+            raise NonFiniteFeature(name)
     return {name: out.reshape(count, num_views, *out.shape[1:]) for name, out in outputs.items()}
 
 

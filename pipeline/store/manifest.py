@@ -21,7 +21,7 @@ SEAL_KEY = "kdmtl_seal"
 M = TypeVar("M", bound=BaseModel)
 
 
-def _seal(record: dict) -> str:
+def seal_of(record: dict) -> str:
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
@@ -29,7 +29,7 @@ def write_manifest(path: Path, manifest: BaseModel) -> None:
     """Store the manifest, sealed, in the attributes of the group at `path`."""
     record = manifest.model_dump(mode="json")
     group = zarr.open_group(path, mode="r+")
-    group.attrs.update({MANIFEST_KEY: record, SEAL_KEY: _seal(record)})
+    group.attrs.update({MANIFEST_KEY: record, SEAL_KEY: seal_of(record)})
 
 
 def read_manifest(path: Path, schema: type[M], what: str, remedy: str) -> M:
@@ -45,15 +45,18 @@ def read_manifest(path: Path, schema: type[M], what: str, remedy: str) -> M:
         raise DataError(f"{path} has no kdmtl manifest (incomplete?): {remedy}")
     if SEAL_KEY not in attrs:
         raise DataError(f"{path} was made by an older kdmtl (its manifest has no seal): {remedy}")
-    if attrs[SEAL_KEY] != _seal(attrs[MANIFEST_KEY]):
+    if attrs[SEAL_KEY] != seal_of(attrs[MANIFEST_KEY]):
         raise DataError(
             f"the manifest of {path} was edited or damaged (its seal does not match): {remedy}"
         )
     try:
         return schema.model_validate(attrs[MANIFEST_KEY])
     except ValidationError as error:
+        first = error.errors()[0]
+        key = ".".join(str(part) for part in first["loc"])
         raise DataError(
-            f"{path} has an invalid manifest ({error.errors()[0]['msg']}): {remedy}"
+            f"{path} has an invalid manifest ({key}: {first['msg']}; made by another kdmtl "
+            f"version?): {remedy}"
         ) from None
 
 

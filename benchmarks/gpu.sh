@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The cache at GPU speed, at the paper's width (SegNet [64, 128, 256, 512, 512], 288x384, built-in
+# scenes, untrained teachers): student epoch times (ew, kd from the cache streamed, kd with the
+# features resident in GPU memory, kd with online teachers) and the write cost of extraction
+# (forward alone, extraction, the writer alone in MB/s against the teacher's output rate).
+#
+#     benchmarks/gpu.sh                                       # on a GPU, about 5 minutes
+#     DEVICE=cpu SAMPLES=2 REPEATS=1 EPOCHS=2 benchmarks/gpu.sh   # the same script on a CPU
+#
+# Run from the repository root; needs nothing from `dvc repro`. Prints Markdown for BENCHMARKS.md.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+device=${DEVICE:-cuda}
+samples=${SAMPLES:-32}
+repeats=${REPEATS:-3}
+epochs=${EPOCHS:-3}
+
+python - <<PY
+import torch
+if "$device".startswith("cuda"):
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+else:
+    print(f"device: cpu ({torch.get_num_threads()} threads), torch {torch.__version__}")
+PY
+python student.py speed --paper --samples "$samples" --device "$device" \
+  --epochs "$epochs" --repeats "$repeats"
+echo
+python extract.py --paper --samples "$samples" --device "$device" --repeats "$repeats"
