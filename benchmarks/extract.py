@@ -19,15 +19,14 @@ import click
 import numpy as np
 import torch
 import zarr
-from setups import FAKE_SHA, PAPER_FILTERS, PAPER_HEIGHT, PAPER_WIDTH
+from setups import ENCODINGS, FAKE_SHA, PAPER_FILTERS, PAPER_HEIGHT, PAPER_WIDTH, scenes
 
 from pipeline.checkpoints import load_teacher
-from pipeline.data.sources import make_source
 from pipeline.models import Architecture, build_model
 from pipeline.store.checks import bytes_on_disk
 from pipeline.store.extract import extract, feature_shapes, shard_inputs, teacher_features
 from pipeline.store.features import SPLIT, FeatureChunks, FeatureStore, plan_manifest
-from pipeline.store.prepared import PreparedStore, open_prepared, write_prepared
+from pipeline.store.prepared import PreparedStore, open_prepared
 from pipeline.store.stream import ChunkStream, make_loader
 from pipeline.training import resolve_device
 from schemas.params import FeatureParams, Params
@@ -140,20 +139,9 @@ def write_cost_row(label: str, samples: int, cost: dict[str, float]) -> str:
     )
 
 
-def scenes(folder: Path, num_train: int, height: int = 48, width: int = 64) -> PreparedStore:
-    data = Params().data.model_copy(
-        update={"num_train": num_train, "num_test": 1, "height": height, "width": width}
-    )
-    write_prepared(make_source(data), folder / "prepared.zarr", data.chunk_size, progress=False)
-    return open_prepared(folder / "prepared.zarr")
-
-
-ENCODINGS = [
-    ("float32", FeatureParams(encoding="float32")),
-    ("float16 (default)", FeatureParams()),
-    *[(f"float16, BitRound {k} bits", FeatureParams(keep_bits=k)) for k in (7, 5, 3)],
-    ("normalized-int8", FeatureParams(encoding="normalized-int8")),
-]
+def scenes_of(folder: Path, num_train: int, height: int = 48, width: int = 64) -> PreparedStore:
+    update = {"num_train": num_train, "num_test": 1, "height": height, "width": width}
+    return scenes(folder, Params().data.model_copy(update=update))
 
 
 def codec_table(
@@ -165,7 +153,8 @@ def codec_table(
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         reference = None
-        for label, config in ENCODINGS:
+        for label, changes in ENCODINGS:
+            config = FeatureParams(**changes)
             times = []
             for r in range(repeats):
                 run = Path(folder) / f"{label}{r}"
@@ -244,7 +233,7 @@ def main(
         click.echo(f"## Write cost at the paper's width, {PAPER_HEIGHT}x{PAPER_WIDTH}, {device}\n")
         click.echo(header)
         with tempfile.TemporaryDirectory() as folder:
-            prepared = scenes(Path(folder), samples, PAPER_HEIGHT, PAPER_WIDTH)
+            prepared = scenes_of(Path(folder), samples, PAPER_HEIGHT, PAPER_WIDTH)
             torch.manual_seed(0)
             wide = build_model("segnet", PAPER_FILTERS, {task: 1}).eval().to(device)
             cost = write_cost(wide, prepared, repeats, device)
@@ -269,7 +258,7 @@ def main(
     cost = write_cost(teacher, prepared, repeats, device)
     click.echo(write_cost_row(f"trained, filters {teacher.filters}", count, cost))
     with tempfile.TemporaryDirectory() as folder:
-        small = scenes(Path(folder), 256)
+        small = scenes_of(Path(folder), 256)
         for filters in ([32, 64, 128, 256], PAPER_FILTERS):
             torch.manual_seed(0)
             wide = build_model("segnet", filters, {task: 1}).eval().to(device)

@@ -7,7 +7,8 @@
 #     benchmarks/gpu.sh                                       # on a GPU, about 5 minutes
 #     DEVICE=cpu SAMPLES=2 REPEATS=1 EPOCHS=2 benchmarks/gpu.sh   # the same script on a CPU
 #
-# Run from the repository root; needs nothing from `dvc repro`. Prints Markdown for BENCHMARKS.md.
+# Runs from any folder, with kdmtl installed (the README's Quick start); needs nothing from
+# `dvc repro`. Prints Markdown for BENCHMARKS.md.
 set -euo pipefail
 cd "$(dirname "$0")"
 

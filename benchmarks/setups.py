@@ -17,11 +17,19 @@ from pipeline.store.extract import extract, feature_shapes
 from pipeline.store.features import FeatureStore, plan_manifest
 from pipeline.store.prepared import PreparedStore, open_prepared, write_prepared
 from pipeline.tasks import make_tasks
-from schemas.params import FeatureParams, ModelParams, Params
+from schemas.params import DataParams, FeatureParams, ModelParams, Params
 
 PAPER_FILTERS = [64, 128, 256, 512, 512]
 PAPER_HEIGHT, PAPER_WIDTH = 288, 384
 FAKE_SHA = "0" * 64
+# The feature encodings compared: a label and the `features` params that differ from the default.
+ENCODINGS = [
+    ("float32", {"encoding": "float32"}),
+    ("float16 (default)", {}),
+    ("float16, BitRound 7 bits", {"keep_bits": 7}),
+    ("float16, BitRound 5 bits", {"keep_bits": 5}),
+    ("normalized-int8", {"encoding": "normalized-int8"}),
+]
 
 
 @dataclass
@@ -63,9 +71,7 @@ def paper_setting(folder: Path, num_train: int, device: torch.device) -> Setting
             "features": FeatureParams(batch_size=2),
         }
     )
-    path = folder / "prepared.zarr"
-    write_prepared(make_source(params.data), path, params.data.chunk_size, progress=False)
-    prepared = open_prepared(path)
+    prepared = scenes(folder, params.data)
     tasks = make_tasks(params.tasks, prepared.manifest.num_classes)
     teachers, stores = {}, {}
     for seed, (task, spec) in enumerate(tasks.items()):
@@ -73,6 +79,12 @@ def paper_setting(folder: Path, num_train: int, device: torch.device) -> Setting
         teachers[task] = build_model("segnet", PAPER_FILTERS, {task: spec.channels}).eval()
         stores[task] = extract_store(teachers[task], prepared, folder, params.features, device)
     return Setting(params, prepared, teachers, stores)
+
+
+def scenes(folder: Path, data: DataParams) -> PreparedStore:
+    """The built-in scenes, prepared in `folder`."""
+    write_prepared(make_source(data), folder / "prepared.zarr", data.chunk_size, progress=False)
+    return open_prepared(folder / "prepared.zarr")
 
 
 def extract_store(

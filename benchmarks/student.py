@@ -45,8 +45,6 @@ def epoch_seconds(
         stores=setting.stores if cached else None, teachers=setting.teachers if online else None,
         progress=False, on_epoch=lambda _row: ends.append(time.perf_counter()),
     )  # fmt: skip
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
     return statistics.median(b - a for a, b in itertools.pairwise(ends))
 
 

@@ -16,7 +16,7 @@ from pipeline.models import FEATURES, Architecture, build_model
 from pipeline.store.features import SPLIT, FeatureChunks, FeatureStore
 from pipeline.store.prepared import PreparedSplit, PreparedStore
 from pipeline.store.resident import ResidentChunks, available_memory, chunk_nbytes, num_chunks
-from pipeline.store.stream import ChunkStream, make_loader
+from pipeline.store.stream import Block, ChunkStream, make_loader
 from pipeline.tasks import make_tasks
 from pipeline.training import (
     Batch,
@@ -91,14 +91,17 @@ class StudentSource:
         return len(self.split)
 
     def decoded_nbytes(self) -> tuple[int, int]:
-        """Bytes that the decoded training split, and the teachers' features, take in memory
-        (from their first chunks: every chunk but the last is as large)."""
-        split = chunk_nbytes(self.split.read_chunk(0))
+        """Bytes that the decoded data kept in host memory (the training split, the stores'
+        sample ids and views) and the teachers' features take (from their first chunks: every
+        chunk but the last is as large)."""
+        host = chunk_nbytes(self.split.read_chunk(0))
         features = 0
         for source in self.features.values():
             first = source.read_chunk(0)
-            features += sum(first[name].nbytes for name in FEATURES)
-        return split * num_chunks(self), features * num_chunks(self)
+            held = sum(first[name].nbytes for name in FEATURES)
+            features += held
+            host += chunk_nbytes(first) - held
+        return host * num_chunks(self), features * num_chunks(self)
 
     def hold_in_memory(self, device: torch.device | None = None, progress: bool = True) -> None:
         """Decode the training split and every feature store once; later epochs read memory
@@ -116,7 +119,7 @@ class StudentSource:
             for task, source in self.features.items()
         }
 
-    def read_chunk(self, chunk: int, epoch: int = 0) -> dict[str, np.ndarray]:
+    def read_chunk(self, chunk: int, epoch: int = 0) -> Block:
         block = self.split.read_chunk(chunk)
         count = len(block["index"])
         rng = np.random.default_rng([self.seed, epoch, chunk])
@@ -196,18 +199,19 @@ def choose_residency(
         return "off"
     split, features = source.decoded_nbytes()
     host = memory_budget(loader, torch.device("cpu"))
-    on_device = memory_budget(loader, device) if device.type != "cpu" else host
     gb = 1e9
     fits = {"ram": split + features <= host}
-    # On a CPU the device's memory is the host's: `device` holds the features there as tensors.
-    fits["device"] = (
-        fits["ram"] if device.type == "cpu" else features <= on_device and split <= host
-    )
-    sizes = {
-        "device": f"features {features / gb:.2f} GB on {device}, budget {on_device / gb:.2f} "
-        f"GB; images and targets {split / gb:.2f} GB in host memory, budget {host / gb:.2f} GB",
-        "ram": f"{(split + features) / gb:.2f} GB decoded, budget {host / gb:.2f} GB",
-    }
+    sizes = {"ram": f"{(split + features) / gb:.2f} GB decoded, budget {host / gb:.2f} GB"}
+    if device.type == "cpu":  # the device's memory is the host's: the features as tensors there
+        fits["device"], sizes["device"] = fits["ram"], sizes["ram"]
+    else:
+        on_device = memory_budget(loader, device)
+        fits["device"] = features <= on_device and split <= host
+        sizes["device"] = (
+            f"features {features / gb:.2f} GB on {device}, budget {on_device / gb:.2f} GB; the "
+            f"rest {split / gb:.2f} GB in host memory, budget {host / gb:.2f} GB"
+        )
+    candidates = ["device", "ram"] if device.type == "cuda" and features else ["ram"]
     if loader.resident in fits:
         mode = loader.resident
         if not fits[mode]:
@@ -216,11 +220,13 @@ def choose_residency(
                 "the budget is loader.memory_budget_gb, or half the free memory): raise the "
                 "budget, or set loader.resident to auto or off"
             )
+        if not features:  # no teacher features for the device to hold
+            mode = "ram"
     else:
-        candidates = ["device", "ram"] if device.type == "cuda" and features else ["ram"]
         mode = next((m for m in candidates if fits[m]), "off")
     if mode == "off":
-        tqdm.write(f"student: training data streamed from disk every epoch ({sizes['ram']})")
+        weighed = "; ".join(sizes[m] for m in candidates)
+        tqdm.write(f"student: training data streamed from disk every epoch ({weighed})")
     elif mode == "ram":
         tqdm.write(f"student: training data decoded once and read from memory ({sizes['ram']})")
     else:
@@ -231,7 +237,7 @@ def choose_residency(
     return mode
 
 
-def refuse_unusable_encodings(stores: dict[str, FeatureStore], distiller: type[Distiller]) -> None:
+def refuse_unusable_encodings(stores: dict[str, FeatureStore], distiller: Distiller) -> None:
     """Refuse stores whose encoding lost what the distillation loss needs."""
     for task, store in stores.items():
         if store.encoding.normalized and distiller.uses_teacher_magnitudes:
@@ -255,17 +261,20 @@ def build_distiller(
     if not needed:
         kind = "feature stores" if config.kd_source == "cache" else "teacher models"
         raise ValueError(f"kd_source {config.kd_source!r} needs the teachers' {kind}")
+    normalized = []
     if config.kd_source == "cache":
-        refuse_unusable_encodings(stores, Distiller)
         channels = {
             task: {name: store.manifest.features[name].shape[2] for name in FEATURES}
             for task, store in stores.items()
         }
+        normalized = [task for task, store in stores.items() if store.encoding.normalized]
     else:
         teachers = {task: teacher.to(device).eval() for task, teacher in teachers.items()}
         channels = {task: teacher.feature_channels() for task, teacher in teachers.items()}
-    distiller = Distiller(model.feature_channels(), channels, config.kd_weights).to(device)
-    return distiller, teachers
+    distiller = Distiller(model.feature_channels(), channels, config.kd_weights, normalized)
+    if stores and config.kd_source == "cache":
+        refuse_unusable_encodings(stores, distiller)
+    return distiller.to(device), teachers
 
 
 @dataclass

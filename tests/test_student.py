@@ -16,7 +16,7 @@ import pipeline.store.resident
 import pipeline.student
 from pipeline.augment import apply_view
 from pipeline.checkpoints import load_teacher, save_checkpoint
-from pipeline.distill import Distiller, feature_distance
+from pipeline.distill import Distiller, feature_distance, normalize_pixels
 from pipeline.errors import DataError, KdmtlError
 from pipeline.files import sha256_file
 from pipeline.metrics import delta_mtl
@@ -99,6 +99,22 @@ def test_distance_averages_over_batch_and_pixels_and_resizes_the_student():
     distance = feature_distance(small, torch.randn(2, 4, 6, 10))  # teacher at twice the size
     distance.backward()
     assert small.grad is not None and torch.isfinite(small.grad).all()
+
+
+def test_a_normalised_teacher_is_used_as_it_is():
+    """A normalized-int8 store holds the teacher's normalisation, tiny norms included (a pixel
+    whose feature norm is near sqrt(1e-6) has a normalised norm well below 1)."""
+    student, teacher = torch.randn(2, 6, 3, 5), torch.randn(2, 6, 3, 5)
+    teacher[0, :, 0, 0] = 1e-4
+    stored = normalize_pixels(teacher)
+    assert stored[0, :, 0, 0].norm() < 0.5
+    assert feature_distance(student, stored, teacher_normalized=True).item() == pytest.approx(
+        feature_distance(student, teacher).item(), rel=1e-6
+    )
+    # Normalising the stored vectors again would have moved the tiny one to unit length.
+    assert feature_distance(student, stored).item() != pytest.approx(
+        feature_distance(student, teacher).item(), rel=1e-4
+    )
 
 
 def test_distiller_adaptors_and_weighted_total():
@@ -194,7 +210,12 @@ def test_residency_follows_the_mode_and_the_budget(project: Path, capsys):
     source = StudentSource(prepared, TASK_NAMES, stores_of(project), augment=False, seed=0)
     split, features = source.decoded_nbytes()
     chunk = sum(v.nbytes for v in source.split.read_chunk(0).values())
-    assert split == chunk * 3  # 3 chunks of 12 samples
+    ids_and_views = sum(
+        store.array(name)[:4].nbytes
+        for store in stores_of(project).values()
+        for name in ("sample_id", "views")
+    )
+    assert split == (chunk + ids_and_views) * 3  # held in host memory: 3 chunks of 4 samples
     decoder = stores_of(project)["depth"].array("decoder")
     assert features > 3 * decoder.nbytes  # two features of three teachers
     needed = split + features
@@ -204,7 +225,11 @@ def test_residency_follows_the_mode_and_the_budget(project: Path, capsys):
     assert choose_residency(source, loader.model_copy(update={"resident": "device"}), CPU) == (
         "device"
     )
-    assert "teachers' features held on cpu (features 0.00 GB on cpu" in capsys.readouterr().out
+    assert "teachers' features held on cpu (0.00 GB decoded, budget" in capsys.readouterr().out
+    without_features = StudentSource(prepared, TASK_NAMES, None, augment=False, seed=0)
+    device = loader.model_copy(update={"resident": "device"})
+    assert choose_residency(without_features, device, CPU) == "ram"  # nothing for the device
+    assert "decoded once and read from memory" in capsys.readouterr().out
     small = loader.model_copy(update={"memory_budget_gb": needed / 2e9})
     assert choose_residency(source, small, CPU) == "off"
     assert "streamed from disk every epoch (0.00 GB decoded, budget" in capsys.readouterr().out
@@ -409,7 +434,12 @@ def test_kd_from_normalized_int8_stores_agrees_with_online_teachers(project: Pat
     torch.manual_seed(0)
     student = {"bottleneck": torch.randn(4, 8, 4, 6), "decoder": torch.randn(4, 4, 16, 24)}
     channels = {t: teachers[t].feature_channels() for t in TASK_NAMES}
-    distiller = Distiller({"bottleneck": 8, "decoder": 4}, channels, PARAMS_KD_WEIGHTS)
+    online_distiller = Distiller({"bottleneck": 8, "decoder": 4}, channels, PARAMS_KD_WEIGHTS)
+    distiller, _ = build_distiller(
+        build_model("segnet", [4, 8], {"depth": 1}), StudentParams(), stores, None, CPU
+    )
+    assert distiller.normalized_teachers == set(TASK_NAMES)
+    distiller.load_state_dict(online_distiller.state_dict())  # the same adaptors
     cached = {
         t: {n: stores[t].encoding.decode(batch[f"{t}.{n}"]) for n in ("bottleneck", "decoder")}
         for t in TASK_NAMES
@@ -418,7 +448,7 @@ def test_kd_from_normalized_int8_stores_agrees_with_online_teachers(project: Pat
         online = {t: teachers[t].distilled_features(batch["image"]) for t in TASK_NAMES}
         per_task = dict.fromkeys(TASK_NAMES, student)
         cached_loss, _ = distiller(per_task, cached)
-        online_loss, _ = distiller(per_task, online)
+        online_loss, _ = online_distiller(per_task, online)
     assert cached_loss.item() == pytest.approx(online_loss.item(), rel=1e-2)
     result = kdmtl("train-student")
     assert result.exit_code == 0, result.output
@@ -429,14 +459,15 @@ def test_a_loss_that_compares_magnitudes_refuses_normalized_stores(project: Path
     class MagnitudeDistiller(Distiller):
         uses_teacher_magnitudes = True
 
+    plain, magnitudes = Distiller({}, {}, {}), MagnitudeDistiller({}, {}, {})
     stores = stores_of(project)
-    refuse_unusable_encodings(stores, MagnitudeDistiller)  # float16 keeps magnitudes
-    refuse_unusable_encodings(stores, Distiller)
+    refuse_unusable_encodings(stores, magnitudes)  # float16 keeps magnitudes
+    refuse_unusable_encodings(stores, plain)
     write_params(project, PARAMS | {"features": {"shard_chunks": 1, "encoding": "normalized-int8"}})
     assert kdmtl("extract-features", "--teacher", "depth").exit_code == 0
-    refuse_unusable_encodings(stores_of(project), Distiller)
+    refuse_unusable_encodings(stores_of(project), plain)
     with pytest.raises(DataError) as refused:
-        refuse_unusable_encodings(stores_of(project), MagnitudeDistiller)
+        refuse_unusable_encodings(stores_of(project), magnitudes)
     assert str(refused.value) == (
         f"feature store {project / 'features/depth.zarr'} holds normalized-int8 features, unit "
         "vectors without the teacher's magnitudes, which this distillation loss compares: set "

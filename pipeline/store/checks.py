@@ -10,7 +10,7 @@ import torch
 
 from pipeline.errors import reading
 from pipeline.models import FEATURES, Architecture
-from pipeline.store.extract import teacher_features
+from pipeline.store.extract import NonFiniteFeature, teacher_features
 from pipeline.store.features import SPLIT, FeatureStore, keep_bits
 from pipeline.store.prepared import PreparedStore
 
@@ -137,7 +137,11 @@ def recompute(
     chosen_views = rng.integers(manifest.views.views, size=len(samples))
     images = prepared.array(SPLIT, "image").oindex[samples].astype(np.float32) / np.float32(255)
     views = store.array("views").oindex[samples][np.arange(len(samples)), chosen_views]
-    recomputed = teacher_features(teacher, torch.from_numpy(images), views[:, None], 64, device)
+    try:
+        recomputed = teacher_features(teacher, torch.from_numpy(images), views[:, None], 64, device)
+    except NonFiniteFeature as error:
+        report.problems.append(f"{error} on the recomputed sample views (NaN or Inf)")
+        return
     encoding = store.encoding
     allowed = encoding.tolerance(keep_bits(manifest.features[FEATURES[0]].codecs))
     kind = encoding.error_kind

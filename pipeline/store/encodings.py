@@ -95,8 +95,8 @@ class NormalizedInt8(FeatureEncoding):
         return np.abs(decoded - expected)
 
     def tolerance(self, keep_bits: int | None) -> float:
-        """One quantisation step: rounding moves a value by half a step, and a recomputation's
-        float error may tip a value that lay on a rounding boundary to the next step."""
+        """One quantisation step: rounding moves a value by at most half a step; the other half
+        leaves room for the recomputation's own float error (another device, other kernels)."""
         return self.scale
 
 

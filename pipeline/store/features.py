@@ -36,7 +36,7 @@ from zarr.codecs.numcodecs import BitRound
 
 from pipeline import __version__
 from pipeline.augment import SCALES
-from pipeline.errors import DAMAGE, DataError, reading
+from pipeline.errors import DAMAGE, DataError, KdmtlError, reading
 from pipeline.files import remove_leftovers, work_path
 from pipeline.store.encodings import ENCODINGS, FeatureEncoding, encoding_named
 from pipeline.store.integrity import (
@@ -73,6 +73,12 @@ def feature_codecs(config: FeatureParams) -> tuple[list, list]:
     """(filters, compressors) of the feature arrays."""
     filters = []
     if config.keep_bits is not None:
+        bits = encoding_named(config.encoding).mantissa_bits
+        if not config.keep_bits < bits:  # params validation says so; guard the library too
+            raise KdmtlError(
+                f"features.keep_bits {config.keep_bits} does not fit {config.encoding}, which "
+                f"has {bits} mantissa bits"
+            )
         filters.append(BitRound(keepbits=config.keep_bits))
     compressors = [
         BloscCodec(

@@ -54,9 +54,9 @@ def read_manifest(path: Path, schema: type[M], what: str, remedy: str) -> M:
     except ValidationError as error:
         first = error.errors()[0]
         key = ".".join(str(part) for part in first["loc"])
+        problem = f"{key}: {first['msg']}" if key else first["msg"]
         raise DataError(
-            f"{path} has an invalid manifest ({key}: {first['msg']}; made by another kdmtl "
-            f"version?): {remedy}"
+            f"{path} has an invalid manifest ({problem}; made by another kdmtl version?): {remedy}"
         ) from None
 
 

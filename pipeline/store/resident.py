@@ -10,12 +10,11 @@ from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import psutil
 import torch
 
 from pipeline.progress import progress_bar
-from pipeline.store.stream import ChunkSource
+from pipeline.store.stream import Block, ChunkSource
 
 # A container's memory limit and use (cgroup v2, then v1): the machine's free memory is not the
 # container's, and going over its limit kills the process without a message.
@@ -45,7 +44,7 @@ def num_chunks(source: ChunkSource) -> int:
     return -(-len(source) // source.chunk_size)
 
 
-def chunk_nbytes(block: dict[str, np.ndarray]) -> int:
+def chunk_nbytes(block: Block) -> int:
     return sum(values.nbytes for values in block.values())
 
 
@@ -71,7 +70,7 @@ class ResidentChunks:
         self.length = len(source)
         count = num_chunks(source)
 
-        def read(chunk: int) -> dict:
+        def read(chunk: int) -> Block:
             block = source.read_chunk(chunk)
             if device is not None:
                 for name in on_device:
@@ -88,5 +87,5 @@ class ResidentChunks:
     def __len__(self) -> int:
         return self.length
 
-    def read_chunk(self, chunk: int, epoch: int = 0) -> dict:
+    def read_chunk(self, chunk: int, epoch: int = 0) -> Block:
         return dict(self.chunks[chunk])

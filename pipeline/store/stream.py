@@ -19,16 +19,19 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+Block = dict[str, np.ndarray | torch.Tensor]
+
 
 class ChunkSource(Protocol):
     """Arrays on one chunk grid: `read_chunk(c, epoch)` returns every array's values over chunk
-    c; sources that draw random augmentation views seed them with the epoch."""
+    c (numpy arrays, or tensors on any device); sources that draw random augmentation views seed
+    them with the epoch."""
 
     chunk_size: int
 
     def __len__(self) -> int: ...
 
-    def read_chunk(self, chunk: int, epoch: int = 0) -> dict[str, np.ndarray]: ...
+    def read_chunk(self, chunk: int, epoch: int = 0) -> Block: ...
 
 
 Batch = dict[str, torch.Tensor]
@@ -107,18 +110,18 @@ class ChunkStream(IterableDataset):
                 batch = slice(start, start + self.batch_size)
                 yield _gather(blocks, block_of[batch], row_of[batch], pin)
             pending = (
-                _gather(blocks, block_of[whole:], row_of[whole:]) if whole < len(row_of) else None
+                _gather(blocks, block_of[whole:], row_of[whole:], pin)
+                if whole < len(row_of)
+                else None
             )
         if pending is not None and not self.drop_last:
             yield pending
 
-    def _read_groups(
-        self, groups: list[np.ndarray], epoch: int
-    ) -> Iterator[list[dict[str, np.ndarray]]]:
+    def _read_groups(self, groups: list[np.ndarray], epoch: int) -> Iterator[list[Block]]:
         """Each group's chunks; with `read_ahead`, a thread reads the next group while the
         current one's batches train (the codecs release the GIL), so memory holds two groups."""
 
-        def read(group: np.ndarray) -> list[dict[str, np.ndarray]]:
+        def read(group: np.ndarray) -> list[Block]:
             return [self.source.read_chunk(int(c), epoch) for c in group]
 
         if not self.read_ahead:
@@ -133,16 +136,29 @@ class ChunkStream(IterableDataset):
                 yield blocks
 
 
-def _length(block: dict) -> int:
+def _length(block: Block) -> int:
     return len(next(iter(block.values())))
 
 
 def _gather(
-    blocks: list[dict], block_of: np.ndarray, row_of: np.ndarray, pin: bool = False
+    blocks: list[Block], block_of: np.ndarray, row_of: np.ndarray, pin: bool = False
 ) -> Batch:
     """Rows `row_of` of blocks `block_of`, in that order, as tensors on the blocks' devices
     (pinned host memory with `pin`): per block, one indexed read and one indexed write."""
-    parts = [(b, np.flatnonzero(block_of == b)) for b in np.unique(block_of)]
+    parts = []
+    for b in np.unique(block_of):
+        where = np.flatnonzero(block_of == b)
+        parts.append((b, torch.from_numpy(where), torch.from_numpy(row_of[where])))
+    on_device: dict[tuple, torch.Tensor] = {}  # index tensors, sent to each device once
+
+    def index(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+        if device.type == "cpu":
+            return tensor
+        key = (id(tensor), device)
+        if key not in on_device:
+            on_device[key] = tensor.to(device)
+        return on_device[key]
+
     batch: Batch = {}
     for name in blocks[0]:
         first = torch.as_tensor(blocks[0][name])
@@ -152,10 +168,9 @@ def _gather(
             device=first.device,
             pin_memory=pin and first.device.type == "cpu",
         )
-        for b, where in parts:
+        for b, where, rows in parts:
             values = torch.as_tensor(blocks[b][name])
-            rows = torch.from_numpy(row_of[where]).to(values.device)
-            out[torch.from_numpy(where).to(out.device)] = values[rows]
+            out[index(where, out.device)] = values[index(rows, values.device)]
         batch[name] = out
     return batch
 

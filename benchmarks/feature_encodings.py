@@ -1,6 +1,6 @@
 """Feature encodings against the method: bytes on disk and the student's Delta_MTL per encoding.
 
-    python benchmarks/encodings.py [--seeds 0,1,2] [--epochs 30]
+    python benchmarks/feature_encodings.py [--seeds 0,1,2] [--epochs 30]
 
 Run after `dvc repro`: every row reuses data/prepared.zarr and the trained teachers (read only),
 and extracts, trains and evaluates in a temporary folder with the default params but
@@ -18,16 +18,10 @@ from pathlib import Path
 
 import click
 import yaml
+from setups import ENCODINGS
 
 from schemas.params import Params
 
-SETTINGS = [
-    ("float32", {"encoding": "float32"}),
-    ("float16 (default)", {"encoding": "float16"}),
-    ("float16, BitRound 7 bits", {"encoding": "float16", "keep_bits": 7}),
-    ("float16, BitRound 5 bits", {"encoding": "float16", "keep_bits": 5}),
-    ("normalized-int8", {"encoding": "normalized-int8"}),
-]
 KDMTL = str(Path(sys.executable).parent / "kdmtl")
 
 
@@ -80,7 +74,7 @@ def encoding_row(label: str, features: dict, seeds: list[int], epochs: int) -> s
 @click.option("--only", default=None, help="Row labels to run, separated by semicolons.")
 def main(seeds: str, epochs: int, only: str | None) -> None:
     seed_list = [int(s) for s in seeds.split(",")]
-    chosen = [s for s in SETTINGS if only is None or s[0] in only.split(";")]
+    chosen = [s for s in ENCODINGS if only is None or s[0] in only.split(";")]
     click.echo(
         "| encoding | features on disk (3 stores) | / raw float32 | "
         f"Δ_MTL (%), mean ± std over seeds {seeds} | per seed |"
