@@ -6,9 +6,8 @@ buffer of chunks, reading the next group of chunks ahead. Memory holds at most t
 `buffer_chunks` chunks, whatever the dataset size. Under a DataLoader with worker processes, each
 worker takes every k-th chunk and opens its stores lazily.
 
-A chunk's arrays may be numpy arrays or torch tensors, on any device: batches are gathered with
-one indexing operation per chunk and array, never a Python loop over samples, so features held on
-a GPU are batched there.
+A chunk's arrays may be numpy arrays or torch tensors, on any device: features held on a GPU are
+batched there, with one indexing operation per chunk and array, never a Python loop over samples.
 """
 
 from collections.abc import Iterator
@@ -144,19 +143,19 @@ def _gather(
     blocks: list[Block], block_of: np.ndarray, row_of: np.ndarray, pin: bool = False
 ) -> Batch:
     """Rows `row_of` of blocks `block_of`, in that order, as tensors on the blocks' devices
-    (pinned host memory with `pin`): per block, one indexed read and one indexed write."""
+    (pinned host memory with `pin`). In host memory each row is one copy into the batch, the
+    fastest way on a CPU (5 to 9 times faster than indexing float16 tensors); on a GPU, one
+    indexed read and write per block, never a loop over samples."""
     parts = []
     for b in np.unique(block_of):
         where = np.flatnonzero(block_of == b)
-        parts.append((b, torch.from_numpy(where), torch.from_numpy(row_of[where])))
+        parts.append((b, where, row_of[where]))
     on_device: dict[tuple, torch.Tensor] = {}  # index tensors, sent to each device once
 
-    def index(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-        if device.type == "cpu":
-            return tensor
-        key = (id(tensor), device)
+    def index(values: np.ndarray, device: torch.device) -> torch.Tensor:
+        key = (id(values), device)
         if key not in on_device:
-            on_device[key] = tensor.to(device)
+            on_device[key] = torch.from_numpy(values).to(device)
         return on_device[key]
 
     batch: Batch = {}
@@ -168,9 +167,16 @@ def _gather(
             device=first.device,
             pin_memory=pin and first.device.type == "cpu",
         )
+        host = out.numpy() if out.device.type == "cpu" else None
         for b, where, rows in parts:
-            values = torch.as_tensor(blocks[b][name])
-            out[index(where, out.device)] = values[index(rows, values.device)]
+            values = blocks[b][name]
+            if host is not None:
+                source = values if isinstance(values, np.ndarray) else values.numpy()
+                for position, row in zip(where.tolist(), rows.tolist(), strict=True):
+                    host[position] = source[row]
+            else:
+                values = torch.as_tensor(values)
+                out[index(where, out.device)] = values[index(rows, values.device)]
         batch[name] = out
     return batch
 
