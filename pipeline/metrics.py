@@ -25,6 +25,10 @@ class Meter(ABC):
     def compute(self) -> dict[str, float]:
         """The metrics over everything added so far."""
 
+    @abstractmethod
+    def merge(self, other: "Meter") -> "Meter":
+        """This meter with everything `other` was given added (another process's share)."""
+
 
 class SegmentationMeter(Meter):
     """mIoU and pixel accuracy from one confusion matrix; labels below 0 are ignored.
@@ -42,6 +46,10 @@ class SegmentationMeter(Meter):
         pairs = target[valid].long() * self.num_classes + prediction[valid].long()
         counts = torch.bincount(pairs.cpu(), minlength=self.num_classes**2)
         self.confusion += counts.reshape(self.num_classes, self.num_classes)
+
+    def merge(self, other: "SegmentationMeter") -> "SegmentationMeter":
+        self.confusion += other.confusion
+        return self
 
     def compute(self) -> dict[str, float]:
         h = self.confusion.double()
@@ -67,6 +75,12 @@ class DepthMeter(Meter):
         self.abs_sum += error.sum().item()
         self.rel_sum += (error / target[valid].double()).sum().item()
         self.count += int(valid.sum())
+
+    def merge(self, other: "DepthMeter") -> "DepthMeter":
+        self.abs_sum += other.abs_sum
+        self.rel_sum += other.rel_sum
+        self.count += other.count
+        return self
 
     def compute(self) -> dict[str, float]:
         if not self.count:
@@ -94,6 +108,11 @@ class NormalMeter(Meter):
 
     def update(self, prediction: torch.Tensor, target: torch.Tensor) -> None:
         self.angles.append(angles_degrees(prediction, target).cpu().numpy())
+
+    def merge(self, other: "NormalMeter") -> "NormalMeter":
+        """Every angle of both, so the median stays exact."""
+        self.angles += other.angles
+        return self
 
     def compute(self) -> dict[str, float]:
         angles = np.concatenate(self.angles) if self.angles else np.empty(0, np.float32)

@@ -1,18 +1,22 @@
 """The multi-task student: its training data, joined with the teachers' cached features, and its
 training loop (task losses weighted by a method, plus the distillation loss for `kd`)."""
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from pipeline.augment import IDENTITY, apply_views, random_view
 from pipeline.distill import Distiller
+from pipeline.distributed import SINGLE, Replicas, batch_mean, data_parallel
 from pipeline.errors import DataError, KdmtlError
 from pipeline.models import FEATURES, Architecture, build_model
+from pipeline.precision import Precision
 from pipeline.store.features import SPLIT, FeatureChunks, FeatureStore
 from pipeline.store.prepared import PreparedSplit, PreparedStore
 from pipeline.store.resident import ResidentChunks, available_memory, chunk_nbytes, num_chunks
@@ -26,7 +30,7 @@ from pipeline.training import (
     make_optimizer,
     make_scheduler,
 )
-from pipeline.weighting import WEIGHTINGS, StepContext
+from pipeline.weighting import WEIGHTINGS, StepContext, Weighting
 from schemas.params import FeatureParams, LoaderParams, ModelParams, StudentParams
 
 
@@ -160,16 +164,21 @@ class StudentSource:
 
 def memory_budget(loader: LoaderParams, device: torch.device) -> int:
     """Bytes that resident data may take in the memory of `device` (host memory for a CPU):
-    `loader.memory_budget_gb`, else half of what is free now."""
+    `loader.memory_budget_gb`, else half of what is free now (shared equally by the processes
+    that torchrun started on this machine)."""
     if loader.memory_budget_gb is not None:
         return int(loader.memory_budget_gb * 1e9)
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0] // 2
-    return available_memory() // 2
+    # Under torchrun, the processes of this machine share its memory (each GPU is one's own).
+    return available_memory() // 2 // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
 def choose_residency(
-    source: StudentSource, loader: LoaderParams, device: torch.device
+    source: StudentSource,
+    loader: LoaderParams,
+    device: torch.device,
+    log: Callable[[str], None] = tqdm.write,
 ) -> Literal["device", "ram", "off"]:
     """Where the decoded training data is held, as `loader.resident` says, and says which, and
     why, in the log:
@@ -184,7 +193,7 @@ def choose_residency(
     processes split the chunks between them, which changes the batches, and they must not depend
     on the memory free."""
     if loader.resident == "off":
-        tqdm.write("student: training data streamed from disk every epoch (loader.resident off)")
+        log("student: training data streamed from disk every epoch (loader.resident off)")
         return "off"
     if loader.num_workers:
         if loader.resident != "auto":
@@ -192,7 +201,7 @@ def choose_residency(
                 f"loader.resident is {loader.resident}, which reads in the training process: "
                 "set loader.num_workers to 0"
             )
-        tqdm.write(
+        log(
             "student: training data streamed from disk every epoch by reader processes "
             "(loader.num_workers > 0; with 0, it would be held in memory when it fits)"
         )
@@ -226,11 +235,11 @@ def choose_residency(
         mode = next((m for m in candidates if fits[m]), "off")
     if mode == "off":
         weighed = "; ".join(sizes[m] for m in candidates)
-        tqdm.write(f"student: training data streamed from disk every epoch ({weighed})")
+        log(f"student: training data streamed from disk every epoch ({weighed})")
     elif mode == "ram":
-        tqdm.write(f"student: training data decoded once and read from memory ({sizes['ram']})")
+        log(f"student: training data decoded once and read from memory ({sizes['ram']})")
     else:
-        tqdm.write(
+        log(
             f"student: training data decoded once, teachers' features held on {device} "
             f"({sizes['device']})"
         )
@@ -284,6 +293,37 @@ class StudentResult:
     test_metrics: Metrics
 
 
+class TrainedModules(nn.Module):
+    """Everything the student's optimizers train (the network, the adaptors, a weighting's own
+    parameters) as one module, so that DistributedDataParallel averages all of their gradients;
+    its forward pass is the network's."""
+
+    def __init__(
+        self, model: Architecture, distiller: Distiller | None, weighting: Weighting
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.distiller = distiller
+        self.weighting = nn.ParameterList(weighting.parameters())
+
+    def forward(self, images: torch.Tensor):
+        return self.model(images)
+
+
+# Weightings whose weights come from per-task gradients of one process's batch: under
+# data-parallel training each process would weight its own share differently.
+LOCAL_GRADIENT_WEIGHTINGS = ("gradnorm", "mgda")
+
+
+def refuse_local_gradient_weighting(name: str, replicas: Replicas) -> None:
+    if replicas.count > 1 and name in LOCAL_GRADIENT_WEIGHTINGS:
+        raise KdmtlError(
+            f"{name} weights the tasks by their gradients in one process's batch, which "
+            f"data-parallel training splits over {replicas.count} processes: train it in one "
+            "process, or use ew, dwa or uw"
+        )
+
+
 def train_student(
     prepared: PreparedStore,
     task_names: list[str],
@@ -296,18 +336,25 @@ def train_student(
     teachers: dict[str, Architecture] | None = None,
     progress: bool = True,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
+    replicas: Replicas = SINGLE,
 ) -> StudentResult:
     """Train a multi-task student and evaluate it on the test split after every epoch.
 
     With `config.method == "kd"` the distillation targets come from `stores` (cached features,
-    no teacher runs) or from `teachers` run on every batch (`kd_source: online`)."""
+    no teacher runs) or from `teachers` run on every batch (`kd_source: online`). With several
+    `replicas` (data-parallel processes), this process trains on its share of each global batch
+    of `config.batch_size` and evaluates its share of the test split."""
+    distil = config.method == "kd"
+    weighting_name = config.weighting if distil else config.method
+    refuse_local_gradient_weighting(weighting_name, replicas)
+    replicas.batch_size(config.batch_size, "student.batch_size")  # refused unless it splits
     tasks = make_tasks(task_names, prepared.manifest.num_classes)
+    precision = Precision.for_device(config.precision, device)
     seed = config.seed
     torch.manual_seed(seed)
     heads = {name: task.channels for name, task in tasks.items()}
     model = build_model(model_params.arch, model_params.filters, heads).to(device).train()
-    distil = config.method == "kd"
-    weighting = WEIGHTINGS[config.weighting if distil else config.method](task_names, config)
+    weighting = WEIGHTINGS[weighting_name](task_names, config)
     optimizer = make_optimizer([*model.parameters(), *weighting.parameters()], config)
     optimizers, schedulers = [optimizer], [make_scheduler(optimizer, config)]
     distiller, teachers = (
@@ -321,26 +368,53 @@ def train_student(
                 weight_decay=config.adaptor_weight_decay,
             )
         )
+    trained = TrainedModules(model, distiller, weighting).to(device)  # a weighting's too
+    trained = data_parallel(trained, replicas, device)
     cached = stores if distil and config.kd_source == "cache" else None
     encodings = {task: store.encoding for task, store in (cached or {}).items()}
     source = StudentSource(prepared, task_names, cached, augment, seed)
-    resident = choose_residency(source, loader, device)
+    shown = progress and replicas.is_main
+    resident = choose_residency(
+        source, loader, device, tqdm.write if replicas.is_main else lambda _line: None
+    )
     if resident != "off":
-        source.hold_in_memory(device if resident == "device" else None, progress)
+        source.hold_in_memory(device if resident == "device" else None, shown)
     pin = device.type == "cuda"
     stream = ChunkStream(
-        source, config.batch_size, True, seed, loader.buffer_chunks, pin_memory=pin
+        source,
+        config.batch_size,
+        True,
+        seed,
+        loader.buffer_chunks,
+        drop_last=replicas.count > 1,  # every replica runs the same number of full steps
+        pin_memory=pin,
+        replicas=replicas,
     )
     test_stream = ChunkStream(
-        PreparedSplit(prepared, "test", task_names), config.batch_size, False, pin_memory=pin
+        PreparedSplit(prepared, "test", task_names),
+        config.batch_size,
+        False,
+        pin_memory=pin,
+        replicas=replicas if replicas.distributed else SINGLE,
     )
     test_batches = make_loader(test_stream, num_workers=0)
     last_shared = model.last_shared_layer()
 
     def step(batch: Batch) -> dict[str, float]:
-        output = model(batch["image"])
+        with precision.autocast():
+            output = trained(batch["image"])
+            if distiller is not None and not cached:
+                with torch.no_grad():
+                    online = {
+                        t: teacher.distilled_features(batch["image"])
+                        for t, teacher in teachers.items()
+                    }
+        # Losses and distances in float32, whatever the forward pass ran in.
         losses = {
-            name: task.loss(output.predictions[name], batch[name]) for name, task in tasks.items()
+            name: batch_mean(
+                *task.loss_terms(output.predictions[name].float(), batch[name]), replicas
+            )
+            for name, task in tasks.items()
         }
         logs = {f"loss_{name}": loss.item() for name, loss in losses.items()}
         extra = None
@@ -351,15 +425,13 @@ def train_student(
                     for t in distiller.weights
                 }
             else:
-                with torch.no_grad():
-                    targets = {
-                        t: teacher.distilled_features(batch["image"])
-                        for t, teacher in teachers.items()
-                    }
-            student = {task: output.features_of(task) for task in tasks}
+                targets = online
+            student = {
+                task: {n: f.float() for n, f in output.features_of(task).items()} for task in tasks
+            }
             extra, distances = distiller(student, targets)
             logs |= {f"dist_{key}": value.item() for key, value in distances.items()}
-        context = StepContext(output.features["decoder"], last_shared)
+        context = StepContext(output.features["decoder"], last_shared, precision.scale)
         weights = weighting.backward(losses, extra, context)
         if weighting.name != "ew":
             logs |= {f"weight_{name}": value for name, value in weights.items()}
@@ -369,7 +441,7 @@ def train_student(
 
     def end_of_epoch(row: dict[str, float]) -> dict[str, float]:
         weighting.end_epoch({name: row[f"loss_{name}"] for name in tasks})
-        last.update(evaluate(model, tasks, test_batches, device))
+        last.update(evaluate(model, tasks, test_batches, device, precision, replicas))
         return {f"test_{t.main_metric}": last[name][t.main_metric] for name, t in tasks.items()}
 
     history = fit(
@@ -383,5 +455,8 @@ def train_student(
         description=f"student {config.method}",
         progress=progress,
         on_epoch=on_epoch,
+        precision=precision,
+        replicas=replicas,
+        steps=lambda epoch: stream.steps(epoch, loader.num_workers),
     )
     return StudentResult(model, history.rows, dict(last))

@@ -35,8 +35,17 @@ class Task(ABC):
         """Output channels of the task's head."""
 
     @abstractmethod
+    def loss_terms(
+        self, output: torch.Tensor, target: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training loss of a raw head output as (sum over the valid pixels, their count),
+        so that processes sharing a batch can divide by the count of the whole batch."""
+
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Training loss of a raw head output."""
+        """Training loss of a raw head output: its mean over the valid pixels; zero (with
+        gradient) when a batch has none."""
+        total, count = self.loss_terms(output, target)
+        return total / count.clamp(min=1)
 
     def predict(self, output: torch.Tensor) -> torch.Tensor:
         """Post-processed prediction, as the metrics and the user see it."""
@@ -55,10 +64,8 @@ class Task(ABC):
 TASKS: Registry[Task] = Registry("task")
 
 
-def _valid_mean(loss: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Mean over valid pixels; zero (with gradient) when a batch has none."""
-    count = valid.sum()
-    return (loss * valid).sum() / count.clamp(min=1)
+def _valid_terms(loss: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return (loss * valid).sum(), valid.sum()
 
 
 @TASKS.register
@@ -73,10 +80,9 @@ class Semseg(Task):
     def channels(self) -> int:
         return self.num_classes
 
-    def loss(self, output, target):
-        if not (target >= 0).any():
-            return output.sum() * 0.0
-        return F.cross_entropy(output, target, ignore_index=-1)
+    def loss_terms(self, output, target):
+        total = F.cross_entropy(output, target, ignore_index=-1, reduction="sum")
+        return total, (target >= 0).sum()
 
     def predict(self, output):
         return output.argmax(1)
@@ -102,8 +108,8 @@ class Depth(Task):
     def channels(self) -> int:
         return 1
 
-    def loss(self, output, target):
-        return _valid_mean((output - target).abs(), target != 0)
+    def loss_terms(self, output, target):
+        return _valid_terms((output - target).abs(), target != 0)
 
     def meter(self) -> Meter:
         return DepthMeter()
@@ -135,9 +141,9 @@ class Normal(Task):
     def predict(self, output):
         return F.normalize(output, dim=1)
 
-    def loss(self, output, target):
+    def loss_terms(self, output, target):
         cosine = (self.predict(output) * target).sum(1)
-        return _valid_mean(1 - cosine, target.abs().sum(1) > 0)
+        return _valid_terms(1 - cosine, target.abs().sum(1) > 0)
 
     def meter(self) -> Meter:
         return NormalMeter()

@@ -5,7 +5,9 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.distributed import SINGLE, Replicas, batch_mean, data_parallel
 from pipeline.models import Architecture, build_model
+from pipeline.precision import Precision
 from pipeline.store.prepared import PreparedSplit, PreparedStore
 from pipeline.store.stream import ChunkStream, make_loader
 from pipeline.tasks import make_tasks
@@ -39,37 +41,53 @@ def train_teacher(
     device: torch.device,
     progress: bool = True,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
+    replicas: Replicas = SINGLE,
 ) -> TeacherResult:
     """Train a one-head network on `task_name` and evaluate it, and the trivial baseline, on test.
 
     The returned model is the last epoch's: nothing is chosen by looking at the test split.
+    With several `replicas` (data-parallel processes), this process trains on its share of each
+    global batch of `train.batch_size` and evaluates its share of the test split.
     """
+    replicas.batch_size(train.batch_size, "teacher.batch_size")  # refused unless it splits
     task = make_tasks([task_name], store.manifest.num_classes)[task_name]
+    precision = Precision.for_device(train.precision, device)
     torch.manual_seed(seed)
     model = build_model(model_params.arch, model_params.filters, {task_name: task.channels})
     model.to(device).train()
+    trained = data_parallel(model, replicas, device)
+    pin = device.type == "cuda"
     train_stream = ChunkStream(
         PreparedSplit(store, "train", [task_name]),
         train.batch_size,
         shuffle=True,
         seed=seed,
         buffer_chunks=loader.buffer_chunks,
+        drop_last=replicas.count > 1,  # every replica runs the same number of full steps
+        pin_memory=pin,
+        replicas=replicas,
     )
     test_stream = ChunkStream(
-        PreparedSplit(store, "test", [task_name]), train.batch_size, shuffle=False
+        PreparedSplit(store, "test", [task_name]),
+        train.batch_size,
+        shuffle=False,
+        pin_memory=pin,
+        replicas=replicas if replicas.distributed else SINGLE,
     )
     test_batches = make_loader(test_stream, num_workers=0)
     optimizer = make_optimizer(model.parameters(), train)
 
     def step(batch: Batch) -> dict[str, float]:
-        loss = task.loss(model(batch["image"]).predictions[task_name], batch[task_name])
-        loss.backward()
+        with precision.autocast():
+            output = trained(batch["image"]).predictions[task_name]
+        loss = batch_mean(*task.loss_terms(output.float(), batch[task_name]), replicas)
+        precision.scale(loss).backward()
         return {"loss": loss.item()}
 
     last: Metrics = {}
 
     def end_of_epoch(_row: dict[str, float]) -> dict[str, float]:
-        last.update(evaluate(model, {task_name: task}, test_batches, device))
+        last.update(evaluate(model, {task_name: task}, test_batches, device, precision, replicas))
         return {f"test_{task.main_metric}": last[task_name][task.main_metric]}
 
     history = fit(
@@ -83,7 +101,12 @@ def train_teacher(
         description=f"teacher {task_name}",
         progress=progress,
         on_epoch=on_epoch,
+        precision=precision,
+        replicas=replicas,
+        steps=lambda epoch: train_stream.steps(epoch, loader.num_workers),
     )
     baseline = task.baseline_output(store.dask("train", task_name))
-    baseline_metrics = evaluate_constant({task_name: task}, {task_name: baseline}, test_batches)
+    baseline_metrics = evaluate_constant(
+        {task_name: task}, {task_name: baseline}, test_batches, replicas
+    )
     return TeacherResult(model, history.rows, last[task_name], baseline_metrics[task_name])

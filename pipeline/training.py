@@ -1,5 +1,7 @@
 """Training and evaluation loops shared by teachers and the student."""
 
+import contextlib
+import itertools
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -9,8 +11,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from pipeline.distributed import SINGLE, Replicas, average, merged
 from pipeline.errors import KdmtlError
 from pipeline.models import Architecture
+from pipeline.precision import Precision
 from pipeline.progress import progress_bar
 from pipeline.tasks import Task
 from schemas.params import TrainParams
@@ -51,24 +55,37 @@ def make_scheduler(
 
 @torch.no_grad()
 def evaluate(
-    model: Architecture, tasks: dict[str, Task], batches: Iterable[Batch], device: torch.device
+    model: Architecture,
+    tasks: dict[str, Task],
+    batches: Iterable[Batch],
+    device: torch.device,
+    precision: Precision | None = None,
+    replicas: Replicas = SINGLE,
 ) -> Metrics:
-    """Every task's metrics over all batches, with the model in eval mode."""
+    """Every task's metrics over all batches, with the model in eval mode: the forward pass in
+    `precision`, the metrics from float32 outputs. With several replicas, each evaluates its own
+    batches and the metrics are those of all of them together."""
     was_training = model.training
     model.eval()
     meters = {name: task.meter() for name, task in tasks.items()}
+    autocast = precision.autocast() if precision is not None else contextlib.nullcontext()
     for batch in batches:
         batch = to_device(batch, device)
-        predictions = model(batch["image"]).predictions
+        with autocast:
+            predictions = model(batch["image"]).predictions
         for name, task in tasks.items():
-            meters[name].update(task.predict(predictions[name]), batch[name])
+            meters[name].update(task.predict(predictions[name].float()), batch[name])
     model.train(was_training)
+    meters = merged(meters, replicas)
     return {name: meter.compute() for name, meter in meters.items()}
 
 
 @torch.no_grad()
 def evaluate_constant(
-    tasks: dict[str, Task], outputs: dict[str, torch.Tensor], batches: Iterable[Batch]
+    tasks: dict[str, Task],
+    outputs: dict[str, torch.Tensor],
+    batches: Iterable[Batch],
+    replicas: Replicas = SINGLE,
 ) -> Metrics:
     """Metrics of a prediction that is the same raw output [C, 1, 1] at every pixel."""
     meters = {name: task.meter() for name, task in tasks.items()}
@@ -77,6 +94,7 @@ def evaluate_constant(
         for name, task in tasks.items():
             output = outputs[name].expand(batch_size, -1, height, width)
             meters[name].update(task.predict(output), batch[name])
+    meters = merged(meters, replicas)
     return {name: meter.compute() for name, meter in meters.items()}
 
 
@@ -98,23 +116,37 @@ def fit(
     description: str,
     progress: bool = True,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
+    precision: Precision | None = None,
+    replicas: Replicas = SINGLE,
+    steps: Callable[[int], int | None] = lambda _epoch: None,
 ) -> History:
     """Run `epochs` passes over `batches`.
 
-    `step(batch)` computes the losses of one batch and their gradients and returns the values to
-    log; `fit` zeroes the gradients before and steps the optimizers after it.
-    `end_of_epoch(row)` gets the epoch's row of mean logged values and returns further values for
-    it (a test metric, say). Each epoch shows a progress bar with the running means and ends with
-    a one-line summary: the sum of the task losses and the values `end_of_epoch` added; then
-    `on_epoch(row)` gets the whole row (to log it while training runs).
+    `step(batch)` computes the losses of one batch and their gradients (of the losses scaled by
+    `precision.scale`) and returns the values to log; `fit` zeroes the gradients before and steps
+    the optimizers after it. `steps(epoch)` (0-based) may cap an epoch's batches: replicas of a
+    data-parallel run all stop there, so that each runs the same number of steps.
+    `end_of_epoch(row)` gets the epoch's row of mean logged values (the means over every
+    replica) and returns further values for it (a test metric, say). Each epoch shows a progress
+    bar with the running means and ends with a one-line summary: the sum of the task losses and
+    the values `end_of_epoch` added; then `on_epoch(row)` gets the whole row (to log it while
+    training runs). Only the main replica shows anything.
     """
+    precision = precision or Precision("fp32", device)
+    shown = progress and replicas.is_main
     history = History()
     for epoch in range(1, epochs + 1):
         started = time.perf_counter()
         sums: dict[str, float] = {}
         count = 0
+        cap = steps(epoch - 1)
+        epoch_batches = batches if cap is None else itertools.islice(batches, cap)
         with progress_bar(
-            batches, progress, desc=f"{description} {epoch}/{epochs}", leave=False
+            epoch_batches,
+            shown,
+            desc=f"{description} {epoch}/{epochs}",
+            leave=False,
+            total=cap,
         ) as bar:
             for batch in bar:
                 for optimizer in optimizers:
@@ -124,9 +156,9 @@ def fit(
                     raise KdmtlError(
                         f"{description}: the loss became {values} in epoch {epoch}; "
                         "lower the learning rate"
+                        + (" or use precision bf16 or fp32" if precision.name == "fp16" else "")
                     )
-                for optimizer in optimizers:
-                    optimizer.step()
+                precision.step(optimizers)
                 count += 1
                 for name, value in values.items():
                     sums[name] = sums.get(name, 0.0) + value
@@ -135,12 +167,15 @@ def fit(
                 )
         for scheduler in schedulers:
             scheduler.step()
-        row = {"epoch": epoch} | {name: total / max(count, 1) for name, total in sums.items()}
+        means = average({name: total / max(count, 1) for name, total in sums.items()}, replicas)
+        row = {"epoch": epoch} | means
         added = end_of_epoch(row)
         row |= added
         history.rows.append(row)
         if on_epoch is not None:
             on_epoch(row)
+        if not replicas.is_main:
+            continue
         # One short line: the task losses' sum and what end_of_epoch adds; every logged value is
         # in the history (the curves), not on this line.
         loss = sum(v for k, v in row.items() if k == "loss" or k.startswith("loss_"))

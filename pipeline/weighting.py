@@ -7,7 +7,8 @@ parameters through `StepContext`.
 
 import itertools
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -23,6 +24,9 @@ class StepContext:
 
     representation: torch.Tensor  # the last shared feature, part of the graph
     last_shared: list[nn.Parameter]  # the parameters of the last shared layer
+    # What backward() is called on instead of a loss: the loss times fp16's loss scale (as every
+    # gradient the optimizers see must be), or the loss itself.
+    scale: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda loss: loss)
 
 
 class Weighting(ABC):
@@ -42,9 +46,9 @@ class Weighting(ABC):
         """Compute the gradients of the weighted losses plus `extra`; return each task's weight."""
 
     @staticmethod
-    def _backward(total: torch.Tensor, extra: torch.Tensor | None) -> None:
+    def _backward(total: torch.Tensor, extra: torch.Tensor | None, context: StepContext) -> None:
         """Gradients of the weighted total plus the unweighted extra term."""
-        (total if extra is None else total + extra).backward()
+        context.scale(total if extra is None else total + extra).backward()
 
     def end_epoch(self, mean_losses: dict[str, float]) -> None:  # noqa: B027 (optional hook)
         """Called after each epoch with the mean of each task's loss; most methods ignore it."""
@@ -60,7 +64,7 @@ class EqualWeights(Weighting):
     name: ClassVar[str] = "ew"
 
     def backward(self, losses, extra, context):
-        self._backward(sum(losses.values()), extra)
+        self._backward(sum(losses.values()), extra, context)
         return dict.fromkeys(losses, 1.0)
 
 
@@ -87,7 +91,7 @@ class DynamicWeightAverage(Weighting):
     def backward(self, losses, extra, context):
         weights = self.weights()
         total = sum(weights[t] * losses[t] for t in self.tasks)
-        self._backward(total, extra)
+        self._backward(total, extra, context)
         return weights
 
     def end_epoch(self, mean_losses):
@@ -112,7 +116,7 @@ class UncertaintyWeighting(Weighting):
         s = self.log_variance
         stacked = torch.stack([losses[t] for t in self.tasks])
         total = (stacked / (2 * s.exp()) + s / 2).sum()
-        self._backward(total, extra)
+        self._backward(total, extra, context)
         weights = (1 / (2 * s.detach().exp())).tolist()
         return dict(zip(self.tasks, weights, strict=True))
 
@@ -149,9 +153,10 @@ class GradNorm(Weighting):
         relative = stacked.detach() / self.initial
         target = (weighted_norms.mean() * (relative / relative.mean()) ** self.alpha).detach()
         balance = (weighted_norms - target).abs().sum()
-        (self.theta.grad,) = torch.autograd.grad(balance, self.theta)
+        (grad,) = torch.autograd.grad(balance, self.theta)
+        self.theta.grad = context.scale(grad)  # unscaled again with every other gradient
         total = (weights.detach() * stacked).sum()
-        self._backward(total, extra)
+        self._backward(total, extra, context)
         return dict(zip(self.tasks, weights.detach().tolist(), strict=True))
 
 
@@ -210,5 +215,5 @@ class MGDA(Weighting):
         alpha = min_norm_weights(stacked @ stacked.T).float()
         del grads, stacked
         total = sum(alpha[k] * losses[t] for k, t in enumerate(self.tasks))
-        self._backward(total, extra)
+        self._backward(total, extra, context)
         return dict(zip(self.tasks, alpha.tolist(), strict=True))

@@ -46,6 +46,8 @@ class FeatureManifest(Contract):
     num_shards: int
     views: ViewSpec
     encoding: str  # a registered feature encoding: how stored values map to features
+    # The teacher's forward pass; stores made before precisions were recorded ran in fp32.
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     features: dict[str, FeatureArrayInfo]
     kdmtl_version: str
     # every zarr.json below the root, by relative path; recorded when the store is created

@@ -41,6 +41,7 @@ def _not_a_bool(value: Any) -> Any:
 Int = Annotated[int, Strict()]
 Float = Annotated[float, BeforeValidator(_not_a_bool), AllowInfNan(False)]
 Seed = Annotated[int, Strict(), Field(ge=0, le=MAX_SEED)]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 
 def _context(info: ValidationInfo) -> dict[str, Any]:
@@ -69,10 +70,12 @@ class DataParams(Contract):
     root: str | None = Field(None, description="Folder of a real dataset; unused by scenes.")
     seed: Seed = Field(0, description="Seed of the built-in scenes; unused by real datasets.")
     num_train: Int | None = Field(
-        800, ge=1, description="Training samples; for real datasets the first N, null for all."
+        None,
+        ge=1,
+        description="Training samples: the first N; null for all (800 built-in scenes).",
     )
     num_test: Int | None = Field(
-        200, ge=1, description="Test samples; for real datasets the first N, null for all."
+        None, ge=1, description="Test samples: the first N; null for all (200 built-in scenes)."
     )
     height: Int = Field(48, ge=8, le=4096, description="Image height in pixels.")
     width: Int = Field(64, ge=8, le=4096, description="Image width in pixels.")
@@ -156,6 +159,11 @@ class TrainParams(Contract):
     scheduler: Literal["cosine", "step", "none"] = "cosine"
     step_size: Int = Field(10, ge=1, description="Epochs between decays of the step scheduler.")
     gamma: Float = Field(0.5, gt=0, le=1, description="Decay factor of the step scheduler.")
+    precision: Precision = Field(
+        "auto",
+        description="fp32, bf16 or fp16 (with loss scaling) for the forward passes; losses and "
+        "metrics are float32 whatever it is. auto: bf16 on a GPU that supports it, else fp32.",
+    )
 
 
 class TeacherParams(TrainParams):
@@ -241,6 +249,9 @@ class FeatureParams(Contract):
     views: Int = Field(1, ge=1, description="Cached augmentation views per sample.")
     seed: Seed = Field(0, description="Seed of the cached views.")
     batch_size: Int = Field(64, ge=1, description="Teacher batch size during extraction.")
+    precision: Precision = Field(
+        "auto", description="The teacher's forward pass: fp32, bf16, fp16; auto as for training."
+    )
 
     @model_validator(mode="before")
     @classmethod

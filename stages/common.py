@@ -3,22 +3,26 @@
 import errno
 import functools
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import click
+import torch
 import yaml
 from pydantic import BaseModel, ValidationError
 
 from pipeline.checkpoints import load_teacher
 from pipeline.data import SOURCES
+from pipeline.distributed import Replicas, process_device, process_group
 from pipeline.errors import KdmtlError
 from pipeline.files import write_atomically
 from pipeline.models import ARCHITECTURES, Architecture
 from pipeline.store.encodings import ENCODINGS
 from pipeline.store.prepared import PreparedStore
 from pipeline.tasks import TASKS
+from pipeline.training import resolve_device
 from pipeline.weighting import WEIGHTINGS
 from schemas.checkpoint import TeacherMetadata
 from schemas.params import Params
@@ -165,6 +169,20 @@ def user_errors(command: Callable) -> Callable:
             raise
 
     return wrapper
+
+
+@contextmanager
+def training_processes(params: Params) -> Iterator[tuple[Replicas, torch.device]]:
+    """This process's replica and device: one of torchrun's processes (each with its own GPU
+    under `device: auto` or `cuda`), or the only one."""
+    device = process_device(resolve_device(params.device))
+    with process_group(device) as replicas:
+        yield replicas, device
+
+
+def main_process_log(folder: Path, replicas: Replicas):
+    """The training log, written by the main process only (a null context elsewhere)."""
+    return TrainingLog(folder) if replicas.is_main else nullcontext()
 
 
 def write_json(path: Path, value: object) -> None:

@@ -5,7 +5,9 @@ from pathlib import Path
 
 import click
 
+from pipeline.distributed import process_device
 from pipeline.files import sha256_file
+from pipeline.precision import resolve_precision
 from pipeline.store.extract import extract, feature_shapes
 from pipeline.store.features import assign_shards, open_or_create, plan_manifest
 from pipeline.store.prepared import open_prepared
@@ -31,14 +33,6 @@ def parse_shard_of(value: str | None) -> tuple[int, int]:
     return part, parts
 
 
-def extraction_device(name: str):
-    """One GPU per process under torchrun (LOCAL_RANK), as `device: auto` would pick alone."""
-    device = resolve_device(name)
-    if name == "auto" and device.type == "cuda" and "LOCAL_RANK" in os.environ:
-        return resolve_device(f"cuda:{os.environ['LOCAL_RANK']}")
-    return device
-
-
 @click.command("extract-features")
 @click.option("--teacher", "task", required=True, help="Task of the teacher, one of params' tasks.")
 @click.option(
@@ -59,7 +53,7 @@ def command(task: str, shard_of: str | None, params: Params) -> None:
     prepared = open_prepared(Path(params.paths.prepared))
     prepared.check_matches(params.data)
     teacher, _, checkpoint = load_current_teacher(params, task, prepared)
-    device = extraction_device(params.device)
+    device = process_device(resolve_device(params.device))
     teacher.to(device)
     manifest = plan_manifest(
         task,
@@ -68,6 +62,7 @@ def command(task: str, shard_of: str | None, params: Params) -> None:
         feature_shapes(teacher, prepared.manifest.height, prepared.manifest.width),
         params.features,
         params.data.augment,
+        resolve_precision(params.features.precision, device),
     )
     path = Path(params.paths.features) / f"{task}.zarr"
     inputs = {"paths.prepared": prepared.path, "paths.teachers": checkpoint}

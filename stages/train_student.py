@@ -11,10 +11,15 @@ from pipeline.files import sha256_file
 from pipeline.store.features import FeatureStore
 from pipeline.store.prepared import open_prepared
 from pipeline.student import check_stores, train_student
-from pipeline.training import resolve_device
 from schemas.checkpoint import ModelSpec, StudentMetadata
 from schemas.params import Params
-from stages.common import TrainingLog, load_current_teacher, params_option, user_errors
+from stages.common import (
+    load_current_teacher,
+    main_process_log,
+    params_option,
+    training_processes,
+    user_errors,
+)
 
 
 @click.command("train-student")
@@ -50,19 +55,25 @@ def command(params: Params) -> None:
             teachers[task], _, checkpoint = load_current_teacher(params, task, prepared)
             distilled_from[task] = sha256_file(checkpoint)
     model = params.student_model
-    with TrainingLog(Path(params.paths.metrics) / "student") as log:
+    with (
+        training_processes(params) as (replicas, device),
+        main_process_log(Path(params.paths.metrics) / "student", replicas) as log,
+    ):
         result = train_student(
             prepared,
             params.tasks,
             model,
             config,
             params.loader,
-            resolve_device(params.device),
+            device,
             augment=params.data.augment,
             stores=stores,
             teachers=teachers,
-            on_epoch=log.epoch,
+            on_epoch=log.epoch if log else None,
+            replicas=replicas,
         )
+        if not replicas.is_main:
+            return
         metadata = StudentMetadata(
             tasks=params.tasks,
             model=ModelSpec(arch=model.arch, filters=model.filters, heads=result.model.heads),

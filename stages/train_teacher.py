@@ -8,10 +8,15 @@ from pipeline import __version__
 from pipeline.checkpoints import ensure_replaceable, save_checkpoint
 from pipeline.store.prepared import open_prepared
 from pipeline.teacher import train_teacher
-from pipeline.training import resolve_device
 from schemas.checkpoint import ModelSpec, TeacherMetadata
 from schemas.params import Params
-from stages.common import TrainingLog, choose_task, params_option, user_errors
+from stages.common import (
+    choose_task,
+    main_process_log,
+    params_option,
+    training_processes,
+    user_errors,
+)
 
 
 @click.command("train-teacher")
@@ -28,7 +33,10 @@ def command(task: str, params: Params) -> None:
     store = open_prepared(Path(params.paths.prepared))
     store.check_matches(params.data)
     train = params.teacher.for_task(task)
-    with TrainingLog(Path(params.paths.metrics) / "teachers" / task) as log:
+    with (
+        training_processes(params) as (replicas, device),
+        main_process_log(Path(params.paths.metrics) / "teachers" / task, replicas) as log,
+    ):
         result = train_teacher(
             store,
             task,
@@ -36,9 +44,12 @@ def command(task: str, params: Params) -> None:
             train,
             params.loader,
             params.seed,
-            resolve_device(params.device),
-            on_epoch=log.epoch,
+            device,
+            on_epoch=log.epoch if log else None,
+            replicas=replicas,
         )
+        if not replicas.is_main:
+            return
         metadata = TeacherMetadata(
             task=task,
             model=ModelSpec(

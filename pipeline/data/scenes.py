@@ -479,6 +479,10 @@ def render_sample(seed: int, split: str, index: int, height: int, width: int) ->
     return render(sample_scene(rng), Camera.for_image(height, width), rng)
 
 
+# Rendered scenes are endless: `null` (all samples) means this many.
+SCENES_PER_SPLIT = {"train": 800, "test": 200}
+
+
 @SOURCES.register
 class ScenesSource(DataSource):
     """Procedurally rendered indoor scenes with semantic, depth and normal targets."""
@@ -488,7 +492,8 @@ class ScenesSource(DataSource):
     class_names: ClassVar[tuple[str, ...]] = CLASS_NAMES
 
     def num_samples(self, split: str) -> int:
-        return self.config.num_train if split == "train" else self.config.num_test
+        wanted = self.config.num_train if split == "train" else self.config.num_test
+        return SCENES_PER_SPLIT[split] if wanted is None else wanted
 
     def read(self, split: str, start: int, stop: int) -> dict[str, np.ndarray]:
         c = self.config

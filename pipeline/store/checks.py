@@ -10,6 +10,7 @@ import torch
 
 from pipeline.errors import reading
 from pipeline.models import FEATURES, Architecture
+from pipeline.precision import Precision, recomputation_tolerance
 from pipeline.store.extract import NonFiniteFeature, teacher_features
 from pipeline.store.features import SPLIT, FeatureStore, keep_bits
 from pipeline.store.prepared import PreparedStore
@@ -137,13 +138,19 @@ def recompute(
     chosen_views = rng.integers(manifest.views.views, size=len(samples))
     images = prepared.array(SPLIT, "image").oindex[samples].astype(np.float32) / np.float32(255)
     views = store.array("views").oindex[samples][np.arange(len(samples)), chosen_views]
+    precision = Precision(manifest.precision, device)
     try:
-        recomputed = teacher_features(teacher, torch.from_numpy(images), views[:, None], 64, device)
+        recomputed = teacher_features(
+            teacher, torch.from_numpy(images), views[:, None], 64, device, precision=precision
+        )
     except NonFiniteFeature as error:
         report.problems.append(f"{error} on the recomputed sample views (NaN or Inf)")
         return
     encoding = store.encoding
-    allowed = encoding.tolerance(keep_bits(manifest.features[FEATURES[0]].codecs))
+    allowed = max(
+        encoding.tolerance(keep_bits(manifest.features[FEATURES[0]].codecs)),
+        recomputation_tolerance(manifest.precision),
+    )
     kind = encoding.error_kind
     errors = {}
     for name in manifest.features:
@@ -157,6 +164,7 @@ def recompute(
             )
     shown = ", ".join(f"{name} {value:.1e}" for name, value in errors.items())
     report.checked.append(
-        f"recomputed {len(samples)} sample views with the teacher ({encoding.name}): max {kind} "
+        f"recomputed {len(samples)} sample views with the teacher ({encoding.name}, "
+        f"{manifest.precision}): max {kind} "
         f"error {shown} (tolerance {allowed:.1e})"
     )

@@ -17,6 +17,7 @@ import torch
 from pipeline.augment import apply_views, draw_views
 from pipeline.errors import KdmtlError
 from pipeline.models import FEATURES, Architecture
+from pipeline.precision import Precision
 from pipeline.progress import progress_bar
 from pipeline.store.encodings import FeatureEncoding
 from pipeline.store.features import SPLIT, FeatureStore
@@ -78,16 +79,18 @@ def teacher_features(
     batch_size: int,
     device: torch.device,
     encoding: FeatureEncoding | None = None,
+    precision: Precision | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Features [n, V, C, h, w] of each sample's views, from the teacher (eval mode): float32, or
-    stored values of `encoding`, encoded on `device`. A value that is not finite, as computed or
-    once encoded, raises NonFiniteFeature.
+    """Features [n, V, C, h, w] of each sample's views, from the teacher (eval mode, its forward
+    pass in `precision`, fp32 by default): float32, or stored values of `encoding`, encoded on
+    `device`. A value that is not finite, as computed or once encoded, raises NonFiniteFeature.
 
     From a GPU, features are copied into page-locked host memory without blocking the CPU, which
     prepares the next batch meanwhile, and the checks wait for the GPU once, at the end. (At the
     paper's size a shard's decoder feature is about 2 GB of float16: extraction pins a few of them,
     for the life of the process.)"""
     count, num_views = views.shape[:2]
+    precision = precision or Precision("fp32", device)
     flat = views.reshape(count * num_views, -1)  # (sample, view) pairs, sample-major
     outputs: dict[str, torch.Tensor] = {}
     nonfinite: dict[str, torch.Tensor] = {}
@@ -95,7 +98,10 @@ def teacher_features(
         stop = min(first + batch_size, len(flat))
         samples = torch.arange(first, stop) // num_views
         inputs, _ = apply_views(flat[first:stop], images[samples], {})
-        for name, feature in teacher.distilled_features(inputs.to(device)).items():
+        with precision.autocast():
+            features = teacher.distilled_features(inputs.to(device))
+        for name, feature in features.items():
+            feature = feature.float()
             stored = feature if encoding is None else encoding.encode(feature)
             # A float encoding keeps NaN and Inf and overflows to Inf; an integer one cannot
             # show them, so its input is checked.
@@ -203,10 +209,13 @@ def extract(
 
     writer = _ShardWriter(store, on_written)
     encoding = store.encoding
+    precision = Precision(store.manifest.precision, device)
     try:
         for shard, images, views in shard_inputs(store, prepared, todo):
             try:
-                features = teacher_features(teacher, images, views, batch_size, device, encoding)
+                features = teacher_features(
+                    teacher, images, views, batch_size, device, encoding, precision
+                )
             except NonFiniteFeature as error:
                 why = (
                     "the teacher gives NaN or Inf, or values beyond float16's range (65504): "

@@ -115,8 +115,10 @@ def plan_manifest(
     shapes: dict[str, tuple[int, ...]],
     config: FeatureParams,
     augment: bool,
+    precision: str = "fp32",
 ) -> FeatureManifest:
-    """The manifest of the store that extraction with these inputs writes (not yet complete)."""
+    """The manifest of the store that extraction with these inputs writes (not yet complete),
+    with the teacher run in `precision` (resolved: fp32, bf16 or fp16)."""
     manifest = prepared.manifest
     count = manifest.splits[SPLIT].num_samples
     chunk = manifest.chunk_size
@@ -143,6 +145,7 @@ def plan_manifest(
         num_shards=-(-count // shard),
         views=view_spec(config, augment),
         encoding=config.encoding,
+        precision=precision,
         features=features,
         kdmtl_version=__version__,
         metadata_files={},  # recorded once the store is created

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline.distributed import SINGLE, Replicas
+
 Block = dict[str, np.ndarray | torch.Tensor]
 
 
@@ -53,6 +55,7 @@ class ChunkStream(IterableDataset):
         drop_last: bool = False,
         read_ahead: bool = True,
         pin_memory: bool = False,
+        replicas: Replicas = SINGLE,
     ) -> None:
         self.source = source
         self.batch_size = batch_size
@@ -64,6 +67,8 @@ class ChunkStream(IterableDataset):
         # Batches in page-locked host memory, for non-blocking copies to a GPU; a DataLoader
         # with workers pins them itself, in the training process.
         self.pin_memory = pin_memory
+        # Under data-parallel training, the share of this process (see Replicas).
+        self.replicas = replicas
         self.epoch = 0
 
     @property
@@ -83,12 +88,69 @@ class ChunkStream(IterableDataset):
 
     def __iter__(self) -> Iterator[Batch]:
         epoch, self.epoch = self.epoch, self.epoch + 1
-        rng = np.random.default_rng([self.seed, epoch, 1])
         chunks = self.chunk_order(epoch)
         worker = get_worker_info()
-        if worker is not None:
-            chunks = chunks[worker.id :: worker.num_workers]
         pin = self.pin_memory and worker is None
+        replicas = self.replicas
+        if replicas.count == 1:
+            rng = np.random.default_rng([self.seed, epoch, 1])
+            yield from self._batches(self._own(chunks), rng, self.batch_size, epoch, pin)
+            return
+        # Several replicas: each takes every count-th chunk of the same order (for training,
+        # with drop_last, full batches only: the trainer stops every replica after
+        # `steps(epoch)` of them).
+        batch_size = replicas.batch_size(self.batch_size, "the batch size")
+        indices = range(replicas.count) if replicas.index is None else [replicas.index]
+        streams = [
+            self._batches(
+                self._own(chunks[index :: replicas.count]),
+                np.random.default_rng([self.seed, epoch, 1, index]),
+                batch_size,
+                epoch,
+                pin,
+            )
+            for index in indices
+        ]
+        if len(streams) == 1:
+            yield from streams[0]
+            return
+        for parts in zip(*streams, strict=False):  # every replica's batch k, as one batch
+            yield {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
+
+    def steps(self, epoch: int, num_workers: int = 0) -> int | None:
+        """With several replicas, the full batches that every replica has in `epoch` (0-based):
+        the replicas stop there, so each runs the same number of steps. None with one."""
+        replicas = self.replicas
+        if replicas.count == 1:
+            return None
+        batch_size = replicas.batch_size(self.batch_size, "the batch size")
+        chunks = self.chunk_order(epoch)
+        sizes = [
+            min(self.source.chunk_size, len(self.source) - c * self.source.chunk_size)
+            for c in range(self.num_chunks)
+        ]
+        workers = max(num_workers, 1)
+        return min(
+            sum(
+                sum(sizes[c] for c in share[worker::workers]) // batch_size
+                for worker in range(workers)
+            )
+            for share in (chunks[index :: replicas.count] for index in range(replicas.count))
+        )
+
+    def _own(self, chunks: np.ndarray) -> np.ndarray:
+        """The chunks this reader process takes: every k-th of k DataLoader workers."""
+        worker = get_worker_info()
+        return chunks if worker is None else chunks[worker.id :: worker.num_workers]
+
+    def _batches(
+        self,
+        chunks: np.ndarray,
+        rng: np.random.Generator,
+        batch_size: int,
+        epoch: int,
+        pin: bool,
+    ) -> Iterator[Batch]:
         pending: Batch | None = None  # fewer than a batch, carried over
         groups = [
             chunks[i : i + self.buffer_chunks] for i in range(0, len(chunks), self.buffer_chunks)
@@ -104,9 +166,9 @@ class ChunkStream(IterableDataset):
             if self.shuffle:
                 order = rng.permutation(len(row_of))
                 block_of, row_of = block_of[order], row_of[order]
-            whole = len(row_of) - len(row_of) % self.batch_size
-            for start in range(0, whole, self.batch_size):
-                batch = slice(start, start + self.batch_size)
+            whole = len(row_of) - len(row_of) % batch_size
+            for start in range(0, whole, batch_size):
+                batch = slice(start, start + batch_size)
                 yield _gather(blocks, block_of[batch], row_of[batch], pin)
             pending = (
                 _gather(blocks, block_of[whole:], row_of[whole:], pin)
