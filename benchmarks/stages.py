@@ -104,7 +104,7 @@ def main(samples: int, epochs: int, device_name: str, precisions: tuple[str, ...
     click.echo("|---|---|---|---|---|---|")
     for precision, (teacher, extraction, cache, online) in rows.items():
         click.echo(
-            f"| {precision} | {teacher:.1f} | {extraction:.1f} | {cache:.1f} | {online:.1f} "
+            f"| {precision} | {teacher:.3g} | {extraction:.3g} | {cache:.3g} | {online:.3g} "
             f"| {online / cache:.2f} |"
         )
     click.echo("\n(samples/s; the last column is kd cache's epoch time over kd online's)")

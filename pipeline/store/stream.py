@@ -151,6 +151,8 @@ class ChunkStream(IterableDataset):
         epoch: int,
         pin: bool,
     ) -> Iterator[Batch]:
+        """Batches of `batch_size` from `chunks`, read a group of `buffer_chunks` at a time and
+        shuffled within it by `rng` (with `shuffle`); what is left of a group joins the next."""
         pending: Batch | None = None  # fewer than a batch, carried over
         groups = [
             chunks[i : i + self.buffer_chunks] for i in range(0, len(chunks), self.buffer_chunks)
