@@ -15,7 +15,7 @@ from pipeline.augment import IDENTITY, apply_views, random_view
 from pipeline.distill import Distiller
 from pipeline.distributed import SINGLE, Replicas, batch_mean, data_parallel
 from pipeline.errors import DataError, KdmtlError
-from pipeline.models import FEATURES, Architecture, build_model
+from pipeline.models import FEATURES, Architecture, ModelOutput, build_model
 from pipeline.precision import Precision
 from pipeline.store.features import SPLIT, FeatureChunks, FeatureStore
 from pipeline.store.prepared import PreparedSplit, PreparedStore
@@ -306,7 +306,7 @@ class TrainedModules(nn.Module):
         self.distiller = distiller
         self.weighting = nn.ParameterList(weighting.parameters())
 
-    def forward(self, images: torch.Tensor):
+    def forward(self, images: torch.Tensor) -> ModelOutput:
         return self.model(images)
 
 

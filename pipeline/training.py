@@ -140,6 +140,12 @@ def fit(
         sums: dict[str, float] = {}
         count = 0
         cap = steps(epoch - 1)
+        if cap == 0:
+            raise KdmtlError(
+                f"{description}: with {replicas.count} processes, a process's share of the "
+                "chunks holds less than one batch (batch_size / processes samples) in epoch "
+                f"{epoch}: lower the batch size, data.chunk_size, or the number of processes"
+            )
         epoch_batches = batches if cap is None else itertools.islice(batches, cap)
         with progress_bar(
             epoch_batches,

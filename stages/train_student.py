@@ -27,7 +27,9 @@ from stages.common import (
 @user_errors
 def command(params: Params) -> None:
     """Train the multi-task student: from the cached teacher features (method kd), or plain; its
-    curves and final metrics go to METRICS/student/ (DVCLive), updated after every epoch."""
+    curves and final metrics go to METRICS/student/ (DVCLive), updated after every epoch.
+    Started by torchrun, trains with DistributedDataParallel, one process per GPU (README,
+    "Several GPUs and machines")."""
     student_path = Path(params.paths.student)
     # Before training, not after: refuse what kdmtl must not replace.
     ensure_replaceable(student_path, StudentMetadata.model_fields["kind"].default)

@@ -25,7 +25,8 @@ from stages.common import (
 @user_errors
 def command(task: str, params: Params) -> None:
     """Train one single-task teacher on the prepared data; its curves and final metrics go to
-    METRICS/teachers/TASK/ (DVCLive), updated after every epoch."""
+    METRICS/teachers/TASK/ (DVCLive), updated after every epoch. Started by torchrun, trains
+    with DistributedDataParallel, one process per GPU (README, "Several GPUs and machines")."""
     choose_task(task, params)
     checkpoint = Path(params.paths.teachers) / f"{task}.pt"
     # Before training, not after: refuse what kdmtl must not replace.

@@ -31,6 +31,13 @@ CPU = torch.device("cpu")
 TASKS = ["semseg", "depth", "normal"]
 
 
+@pytest.fixture
+def prepared_tiny(project: Path):
+    """12 training samples in chunks of 4."""
+    assert kdmtl("prepare").exit_code == 0
+    return open_prepared(project / "data/prepared.zarr")
+
+
 class Numbered:
     """A ChunkSource of `size` samples whose values are their indices."""
 
@@ -82,6 +89,14 @@ def test_steps_count_what_each_reader_process_yields():
     assert stream.steps(0, num_workers=0) == 20 // 4
     assert stream.steps(0, num_workers=2) == 12 // 4 + 8 // 4
     assert ChunkStream(source, 8, True).steps(0) is None  # one process: no cap
+
+
+def test_a_share_smaller_than_a_batch_is_refused(prepared_tiny):
+    loader = LoaderParams(resident="off")
+    with pytest.raises(KdmtlError, match="a process's share of the chunks holds less than one"):
+        train_teacher(prepared_tiny, "depth", ModelParams(filters=[4, 8]),
+                      TrainParams(epochs=1, batch_size=16), loader, 0, CPU, progress=False,
+                      replicas=Replicas(2, None))  # fmt: skip
 
 
 def test_a_global_batch_must_split_evenly():
