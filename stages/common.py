@@ -4,7 +4,7 @@ import errno
 import functools
 import json
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -180,7 +180,7 @@ def training_processes(params: Params) -> Iterator[tuple[Replicas, torch.device]
         yield replicas, device
 
 
-def main_process_log(folder: Path, replicas: Replicas):
+def main_process_log(folder: Path, replicas: Replicas) -> AbstractContextManager:
     """The training log, written by the main process only (a null context elsewhere)."""
     return TrainingLog(folder) if replicas.is_main else nullcontext()
 
