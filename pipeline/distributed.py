@@ -53,6 +53,12 @@ class Replicas:
             )
         return global_batch // self.count
 
+    @property
+    def evaluating(self) -> "Replicas":
+        """How evaluation is split: each process its own share under data-parallel training,
+        the whole split in one process otherwise (reproducing several included)."""
+        return self if self.distributed else SINGLE
+
 
 SINGLE = Replicas()  # a run of one process
 
@@ -125,8 +131,9 @@ class SyncedBatchNorm(nn.BatchNorm2d):
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
-                tracked = self.num_batches_tracked.item()
-                momentum = 1.0 / tracked if self.momentum is None else self.momentum
+                momentum = self.momentum
+                if momentum is None:  # a cumulative average (read back only then: it syncs)
+                    momentum = 1.0 / self.num_batches_tracked.item()
                 unbiased = variance * count / (count - 1).clamp(min=1)
                 self.running_mean.lerp_(mean, momentum)
                 self.running_var.lerp_(unbiased, momentum)
@@ -162,16 +169,19 @@ def data_parallel(module: nn.Module, replicas: Replicas, device: torch.device) -
     )
 
 
-def batch_mean(total: torch.Tensor, count: torch.Tensor, replicas: Replicas) -> torch.Tensor:
-    """A loss's mean over the valid pixels of the global batch, from this process's sum and
-    count: DistributedDataParallel averages the gradients of `count` processes, so each divides
-    its sum by the global count over `count`. Then a step is the same as one process's on the
-    whole batch, however the valid pixels fall."""
+def batch_means(
+    terms: dict[str, tuple[torch.Tensor, torch.Tensor]], replicas: Replicas
+) -> dict[str, torch.Tensor]:
+    """Each loss's mean over the valid pixels of the global batch, from this process's (sum,
+    count) per loss: DistributedDataParallel averages the gradients of `count` processes, so each
+    divides its sum by the global count over `count`. Then a step is the same as one process's on
+    the whole batch, however the valid pixels fall. One all-reduce carries every loss's count."""
     if not replicas.distributed:
-        return total / count.clamp(min=1)
-    everywhere = count.detach().clone()
+        return {name: total / count.clamp(min=1) for name, (total, count) in terms.items()}
+    everywhere = torch.stack([count.detach() for _, count in terms.values()]).clone()
     dist.all_reduce(everywhere)
-    return total * replicas.count / everywhere.clamp(min=1)
+    scale = replicas.count / everywhere.clamp(min=1)
+    return {name: total * scale[i] for i, (name, (total, _)) in enumerate(terms.items())}
 
 
 def average(values: dict[str, float], replicas: Replicas) -> dict[str, float]:

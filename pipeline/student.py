@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from pipeline.augment import IDENTITY, apply_views, random_view
 from pipeline.distill import Distiller
-from pipeline.distributed import SINGLE, Replicas, batch_mean, data_parallel
+from pipeline.distributed import SINGLE, Replicas, batch_means, data_parallel
 from pipeline.errors import DataError, KdmtlError
 from pipeline.models import FEATURES, Architecture, ModelOutput, build_model
 from pipeline.precision import Precision
@@ -395,7 +395,7 @@ def train_student(
         config.batch_size,
         False,
         pin_memory=pin,
-        replicas=replicas if replicas.distributed else SINGLE,
+        replicas=replicas.evaluating,
     )
     test_batches = make_loader(test_stream, num_workers=0)
     last_shared = model.last_shared_layer()
@@ -410,12 +410,11 @@ def train_student(
                         for t, teacher in teachers.items()
                     }
         # Losses and distances in float32, whatever the forward pass ran in.
-        losses = {
-            name: batch_mean(
-                *task.loss_terms(output.predictions[name].float(), batch[name]), replicas
-            )
+        terms = {
+            name: task.loss_terms(output.predictions[name].float(), batch[name])
             for name, task in tasks.items()
         }
+        losses = batch_means(terms, replicas)
         logs = {f"loss_{name}": loss.item() for name, loss in losses.items()}
         extra = None
         if distiller is not None:

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.distributed import SINGLE, Replicas, batch_mean, data_parallel
+from pipeline.distributed import SINGLE, Replicas, batch_means, data_parallel
 from pipeline.models import Architecture, build_model
 from pipeline.precision import Precision
 from pipeline.store.prepared import PreparedSplit, PreparedStore
@@ -72,7 +72,7 @@ def train_teacher(
         train.batch_size,
         shuffle=False,
         pin_memory=pin,
-        replicas=replicas if replicas.distributed else SINGLE,
+        replicas=replicas.evaluating,
     )
     test_batches = make_loader(test_stream, num_workers=0)
     optimizer = make_optimizer(model.parameters(), train)
@@ -80,7 +80,8 @@ def train_teacher(
     def step(batch: Batch) -> dict[str, float]:
         with precision.autocast():
             output = trained(batch["image"]).predictions[task_name]
-        loss = batch_mean(*task.loss_terms(output.float(), batch[task_name]), replicas)
+        terms = {task_name: task.loss_terms(output.float(), batch[task_name])}
+        loss = batch_means(terms, replicas)[task_name]
         precision.scale(loss).backward()
         return {"loss": loss.item()}
 

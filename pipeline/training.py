@@ -1,6 +1,5 @@
 """Training and evaluation loops shared by teachers and the student."""
 
-import contextlib
 import itertools
 import math
 import time
@@ -65,13 +64,13 @@ def evaluate(
     """Every task's metrics over all batches, with the model in eval mode: the forward pass in
     `precision`, the metrics from float32 outputs. With several replicas, each evaluates its own
     batches and the metrics are those of all of them together."""
+    precision = precision or Precision("fp32", device)
     was_training = model.training
     model.eval()
     meters = {name: task.meter() for name, task in tasks.items()}
-    autocast = precision.autocast() if precision is not None else contextlib.nullcontext()
     for batch in batches:
         batch = to_device(batch, device)
-        with autocast:
+        with precision.autocast():
             predictions = model(batch["image"]).predictions
         for name, task in tasks.items():
             meters[name].update(task.predict(predictions[name].float()), batch[name])

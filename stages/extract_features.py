@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.distributed import process_device
+from pipeline.distributed import launched_by_torchrun, process_device
 from pipeline.files import sha256_file
 from pipeline.precision import resolve_precision
 from pipeline.store.extract import extract, feature_shapes
@@ -19,7 +19,7 @@ from stages.common import choose_task, load_current_teacher, params_option, user
 def parse_shard_of(value: str | None) -> tuple[int, int]:
     """`I/N` from the option, else RANK/WORLD_SIZE when started by torchrun, else 0/1."""
     if value is None:
-        if "WORLD_SIZE" in os.environ:
+        if launched_by_torchrun():
             return int(os.environ.get("RANK", "0")), int(os.environ["WORLD_SIZE"])
         return 0, 1
     try:

@@ -14,7 +14,7 @@ from conftest import BIN, TINY_PARAMS, curve, kdmtl, write_params
 
 from pipeline.checkpoints import load_student, load_teacher
 from pipeline.distill import Distiller
-from pipeline.distributed import Replicas, batch_mean, data_parallel
+from pipeline.distributed import Replicas, batch_means, data_parallel
 from pipeline.errors import KdmtlError
 from pipeline.models import build_model
 from pipeline.store.features import FeatureStore
@@ -141,10 +141,12 @@ def student_gradients(replicas: Replicas) -> dict[str, torch.Tensor]:
     trained = TrainedModules(model, distiller, weighting)
     wrapped = data_parallel(trained, replicas, CPU)  # alive until after backward: it reduces
     output = wrapped(images[rows])
-    losses = {
-        name: batch_mean(*task.loss_terms(output.predictions[name], targets[name][rows]), replicas)
+    terms = {
+        name: task.loss_terms(output.predictions[name], targets[name][rows])
         for name, task in tasks.items()
     }
+    losses = batch_means(terms, replicas)
+
     student = {task: output.features_of(task) for task in TASKS}
     extra, _ = distiller(student, {t: {n: f[rows] for n, f in teacher.items()} for t in TASKS})
     context = StepContext(output.features["decoder"], model.last_shared_layer())
