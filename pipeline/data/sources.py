@@ -4,6 +4,8 @@ from abc import ABC, abstractmethod
 from typing import ClassVar
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from pipeline.registry import Registry
 from schemas.params import DataParams
@@ -24,6 +26,27 @@ def array_shape(name: str, num_samples: int, height: int, width: int) -> tuple[i
     if channels is None:
         return (num_samples, height, width)
     return (num_samples, channels, height, width)
+
+
+def to_prepared(sample: dict[str, torch.Tensor], height: int, width: int) -> dict[str, np.ndarray]:
+    """One sample ([C, h, w] tensors: the image as float in [0, 1], the targets as read) in
+    prepared layout at `height` x `width`: the image resized bilinearly with antialiasing, the
+    targets by nearest neighbour so that labels, invalid depth and unit normals stay exact."""
+    size = (height, width)
+    out = {}
+    for name, tensor in sample.items():
+        if tensor.shape[-2:] != size:
+            if name == "image":
+                tensor = F.interpolate(
+                    tensor[None], size, mode="bilinear", antialias=True, align_corners=False
+                )[0]
+            else:
+                tensor = F.interpolate(tensor[None].float(), size, mode="nearest-exact")[0]
+        out[name] = tensor.numpy()
+    out["image"] = np.round(np.clip(out["image"], 0, 1) * 255).astype(np.uint8)
+    if "semseg" in out:
+        out["semseg"] = out["semseg"][0].astype(np.int16)
+    return out
 
 
 class DataSource(ABC):

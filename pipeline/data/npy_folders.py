@@ -13,9 +13,8 @@ from typing import BinaryIO, ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from pipeline.data.sources import SOURCES, DataSource
+from pipeline.data.sources import SOURCES, DataSource, to_prepared
 from pipeline.errors import DataError, reading
 
 SPLIT_FOLDERS = {"train": "train", "test": "val"}
@@ -37,7 +36,7 @@ REAL_KINDS = "biuf"
 ZIP_MAGIC = b"PK"  # .npz archives are zip files
 
 
-class FolderSource(DataSource):
+class NpyFolderSource(DataSource):
     """A dataset of one `.npy` file per sample and per array."""
 
     def __init__(self, config) -> None:
@@ -198,28 +197,11 @@ class FolderSource(DataSource):
         for name in ("depth", "normal"):
             if name in raw:
                 sample[name] = torch.from_numpy(raw[name]).permute(2, 0, 1)
-        return self._to_prepared(sample)
-
-    def _to_prepared(self, sample: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-        size = (self.config.height, self.config.width)
-        out = {}
-        for name, tensor in sample.items():
-            if tensor.shape[-2:] != size:
-                if name == "image":
-                    tensor = F.interpolate(
-                        tensor[None], size, mode="bilinear", antialias=True, align_corners=False
-                    )[0]
-                else:
-                    tensor = F.interpolate(tensor[None].float(), size, mode="nearest-exact")[0]
-            out[name] = tensor.numpy()
-        out["image"] = np.round(np.clip(out["image"], 0, 1) * 255).astype(np.uint8)
-        if "semseg" in out:
-            out["semseg"] = out["semseg"][0].astype(np.int16)
-        return out
+        return to_prepared(sample, self.config.height, self.config.width)
 
 
 @SOURCES.register
-class NYUv2Source(FolderSource):
+class NYUv2Source(NpyFolderSource):
     """NYU-v2 with 13 classes, depth and surface normals (795 train, 654 val samples)."""
 
     name: ClassVar[str] = "nyuv2"
@@ -242,7 +224,7 @@ class NYUv2Source(FolderSource):
 
 
 @SOURCES.register
-class CityscapesSource(FolderSource):
+class CityscapesSource(NpyFolderSource):
     """Cityscapes with 7 classes and depth (no surface normals)."""
 
     name: ClassVar[str] = "cityscapes"
