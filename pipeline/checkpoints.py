@@ -75,6 +75,14 @@ def ensure_replaceable(path: Path, kind: str) -> None:
         )
 
 
+def is_pickle(path: Path) -> bool:
+    """Whether the file opens as a pickle does (protocols 2 to 5 start with PROTO and their
+    number); torch.save writes a zip archive, which does not."""
+    with open(path, "rb") as file:
+        head = file.read(2)
+    return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+
+
 def read_state(path: Path, remedy: str) -> tuple[dict, dict]:
     """The state dict and raw metadata of a file that kdmtl wrote; never unpickles code."""
     if not path.exists():
@@ -85,11 +93,9 @@ def read_state(path: Path, remedy: str) -> tuple[dict, dict]:
         raise unusable(path, "it is a folder", remedy)
     with reading(path, remedy):
         if not zipfile.is_zipfile(path):
-            with open(path, "rb") as file:
-                head = file.read(2)
-            # Pickle protocols 2 to 5 open with PROTO and their number; torch.save writes a zip.
-            pickled = len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
-            problem = PICKLED if pickled else "not a complete zip archive as torch.save writes"
+            problem = "not a complete zip archive as torch.save writes"
+            if is_pickle(path):
+                problem = PICKLED
             raise unusable(path, problem, remedy)
         with zipfile.ZipFile(path) as archive:
             damaged = archive.testzip()
@@ -187,3 +193,14 @@ def load_teacher(path: Path, remedy: str | None = None) -> tuple[Architecture, T
 
 def load_student(path: Path, remedy: str | None = None) -> tuple[Architecture, StudentMetadata]:
     return load_network(path, StudentMetadata, remedy)
+
+
+def load_trained_network(path: Path) -> tuple[Architecture, TeacherMetadata | StudentMetadata]:
+    """A student or a teacher checkpoint, whichever `path` holds, in eval mode."""
+    path = Path(path)
+    remedy = "give a student or teacher checkpoint that kdmtl wrote"
+    _, raw = read_state(path, remedy)
+    kinds = {m.model_fields["kind"].default: m for m in (StudentMetadata, TeacherMetadata)}
+    if raw["kind"] not in kinds:
+        raise unusable(path, f"it is a {raw['kind']} checkpoint", remedy)
+    return load_network(path, kinds[raw["kind"]])

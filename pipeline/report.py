@@ -132,7 +132,8 @@ def runs_from_experiments(
         if headline != old.headline:
             notes.append(
                 f"{source} has the params and teachers of {old.sources[0]} but other metrics "
-                f"(Delta_MTL {headline.delta_mtl:+.2f} against {old.headline.delta_mtl:+.2f}): "
+                f"(Delta_MTL {_value(headline.delta_mtl):+.2f} against "
+                f"{_value(old.headline.delta_mtl):+.2f}): "
                 f"counted once, with {old.sources[0]}'s metrics"
             )
     if not runs:
@@ -140,6 +141,11 @@ def runs_from_experiments(
             f"no experiment has {metrics_file}: run `dvc repro` or `dvc exp run` first"
         )
     return list(runs.values()), notes
+
+
+def _value(value: float | None) -> float:
+    """A headline's number; NaN where there is none (a teacher that gives no prediction)."""
+    return math.nan if value is None else value
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -211,8 +217,8 @@ def teacher_sets(runs: list[Run]) -> list[TeacherSet]:
                     label,
                     row_runs,
                     {task: _mean_std([t[task].student for t in tasks]) for task in tasks[0]},
-                    {task: _mean_std([t[task].delta for t in tasks]) for task in tasks[0]},
-                    _mean_std([run.headline.delta_mtl for run in row_runs]),
+                    {task: _mean_std([_value(t[task].delta) for t in tasks]) for task in tasks[0]},
+                    _mean_std([_value(run.headline.delta_mtl) for run in row_runs]),
                 )
             )
         teacher_set.rows.sort(key=lambda row: (math.isnan(row.delta[0]), -row.delta[0]))
@@ -245,7 +251,7 @@ def markdown_report(sets: list[TeacherSet]) -> str:
             "|" + "---|" * len(header),
         ]
         cells = ["single-task teachers", ""]
-        cells += [c for t in teachers.values() for c in (f"{t.teacher:.4f}", "")]
+        cells += [c for t in teachers.values() for c in (f"{_value(t.teacher):.4f}", "")]
         lines.append("| " + " | ".join([*cells, "0", ""]) + " |")
         for row in teacher_set.rows:
             n = len(row.runs)

@@ -37,7 +37,7 @@ from schemas.params import FeatureParams, LoaderParams, ModelParams, StudentPara
 def check_stores(
     stores: dict[str, FeatureStore],
     prepared: PreparedStore,
-    checkpoint_sha256: dict[str, str | None],
+    teacher_fingerprints: dict[str, str | None],
     config: FeatureParams,
     augment: bool,
 ) -> None:
@@ -45,12 +45,13 @@ def check_stores(
     each store must hold its task's features of the current prepared data and teacher, stored
     and viewed as the features params say, with every shard file as written.
 
-    A teacher's checkpoint is compared only where it exists: distilling from the cache needs no
-    teacher."""
+    A teacher is compared only where its fingerprint is known (its files exist): distilling from
+    the cache needs no teacher."""
     for task, store in stores.items():
         manifest = store.manifest
         problems = store.stale_against(
-            checkpoint_sha256[task] or manifest.checkpoint_sha256, prepared.manifest.fingerprint
+            teacher_fingerprints[task] or manifest.teacher_fingerprint,
+            prepared.manifest.fingerprint,
         )
         if manifest.task != task:
             problems.append(f"it holds the {manifest.task} teacher's features")
@@ -261,9 +262,9 @@ def build_distiller(
     model: Architecture,
     config: StudentParams,
     stores: dict[str, FeatureStore] | None,
-    teachers: dict[str, Architecture] | None,
+    teachers: dict[str, nn.Module] | None,
     device: torch.device,
-) -> tuple[Distiller, dict[str, Architecture] | None]:
+) -> tuple[Distiller, dict[str, nn.Module] | None]:
     """Adaptors from the student's channels to each teacher's (read from the stores' manifests
     when distilling from the cache), and the teachers in eval mode on `device` otherwise."""
     needed = {"cache": stores, "online": teachers}[config.kd_source]
@@ -333,7 +334,7 @@ def train_student(
     device: torch.device,
     augment: bool = False,
     stores: dict[str, FeatureStore] | None = None,
-    teachers: dict[str, Architecture] | None = None,
+    teachers: dict[str, nn.Module] | None = None,
     progress: bool = True,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     replicas: Replicas = SINGLE,

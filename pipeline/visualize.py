@@ -58,3 +58,37 @@ def grid(rows: list[list[np.ndarray]], titles: list[str], scale: int = 2) -> Ima
             image = Image.fromarray(cell).resize((cell_w, cell_h), Image.NEAREST)
             canvas.paste(image, (column * (cell_w + gap), header + r * (cell_h + gap)))
     return canvas
+
+
+def _with_strip(rgb: np.ndarray, strip_height: int) -> tuple[Image.Image, ImageDraw.ImageDraw]:
+    """The picture with a white strip of `strip_height` pixels below it, at least 160 wide."""
+    height, width = rgb.shape[:2]
+    canvas = Image.new("RGB", (max(width, 160), height + strip_height), "white")
+    canvas.paste(Image.fromarray(rgb), (0, 0))
+    return canvas, ImageDraw.Draw(canvas)
+
+
+def with_legend(rgb: np.ndarray, entries: list[tuple[np.ndarray, str]]) -> Image.Image:
+    """The picture above a legend: a swatch and a name per (colour, name) entry."""
+    line = 14
+    canvas, draw = _with_strip(rgb, line * len(entries) + 4)
+    top = rgb.shape[0] + 2
+    for row, (colour, name) in enumerate(entries):
+        y = top + row * line
+        draw.rectangle((2, y + 1, 12, y + 11), fill=tuple(int(c) for c in colour))
+        draw.text((16, y), name, fill="black")
+    return canvas
+
+
+def with_colour_bar(rgb: np.ndarray, low: float, high: float, unit: str) -> Image.Image:
+    """The picture above a colour bar of `colour_depth`'s map from `low` to `high`, in `unit`."""
+    canvas, draw = _with_strip(rgb, 30)
+    width = canvas.width - 4
+    ramp = np.linspace(low, high, width)[None].repeat(10, 0)
+    bar = colour_depth(np.where(ramp == 0, 1e-9, ramp), low, high)  # 0 is not invalid here
+    canvas.paste(Image.fromarray(bar), (2, rgb.shape[0] + 2))
+    top = rgb.shape[0] + 14
+    draw.text((2, top), f"{low:.2f} {unit}", fill="black")
+    label = f"{high:.2f} {unit}"
+    draw.text((canvas.width - 2 - 6 * len(label), top), label, fill="black")
+    return canvas

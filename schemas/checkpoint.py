@@ -25,10 +25,13 @@ class ModelSpec(Contract):
 
 
 class CheckpointMetadata(Contract):
-    """What every kdmtl checkpoint's metadata holds: its kind, and the network it stores."""
+    """What every kdmtl checkpoint's metadata holds: its kind, the network it stores, and the
+    [height, width] of the images it was trained on (null in checkpoints made before kdmtl
+    recorded it)."""
 
     kind: str
     model: ModelSpec
+    image_size: list[Annotated[int, Field(ge=1)]] | None = Field(None, min_length=2, max_length=2)
 
 
 class TeacherMetadata(CheckpointMetadata):
@@ -77,9 +80,12 @@ class StudentMetadata(CheckpointMetadata):
 
 class EvaluationReport(Contract):
     """`metrics/details/eval.json`: every metric of the student and of its teachers on the test
-    split, Delta_MTL overall and per task, and the sha256 of each checkpoint evaluated."""
+    split, Delta_MTL overall and per task, the sha256 of the student's checkpoint and each
+    teacher's fingerprint. A teacher that gives no prediction (an imported one without `output`)
+    has no metrics and its task no delta; Delta_MTL is the mean over the other tasks (null when
+    there are none)."""
 
-    delta_mtl: float
+    delta_mtl: float | None
     delta_per_task: dict[str, float]
     student: dict[str, dict[str, float]]
     teachers: dict[str, dict[str, float]]
@@ -90,16 +96,17 @@ class EvaluationReport(Contract):
 class TaskHeadline(Contract):
     metric: str  # the task's main metric
     student: float
-    teacher: float
-    delta: float  # the task's Delta_MTL: the mean over all of its metrics
+    teacher: float | None  # None: the teacher gives no prediction
+    delta: float | None  # the task's Delta_MTL: the mean over all of its metrics
 
 
 class EvaluationHeadline(Contract):
     """`metrics/eval.json`, the numbers that `dvc metrics show` and `dvc exp show` list: Delta_MTL
     and, per task, the student's main metric, its teacher's and the task's delta. In the file:
-    `{"delta_mtl": D, TASK: {METRIC: S, "teacher_METRIC": T, "delta": d}, ...}`."""
+    `{"delta_mtl": D, TASK: {METRIC: S, "teacher_METRIC": T, "delta": d}, ...}`, a task whose
+    teacher gives no prediction holding `{METRIC: S}` alone."""
 
-    delta_mtl: float
+    delta_mtl: float | None
     tasks: dict[str, TaskHeadline] = Field(min_length=1)
 
     @model_validator(mode="before")
@@ -108,26 +115,32 @@ class EvaluationHeadline(Contract):
         if not isinstance(data, dict) or "tasks" in data:
             return data
         tasks = {}
+        expected = "expected {METRIC, teacher_METRIC, delta} or {METRIC}"
         for task, values in data.items():
             if task == "delta_mtl":
                 continue
             if not isinstance(values, dict):
-                raise ValueError(f"{task}: expected {{METRIC, teacher_METRIC, delta}}")
+                raise ValueError(f"{task}: {expected}")
             metrics = [k for k in values if k != "delta" and not k.startswith("teacher_")]
-            if len(metrics) != 1 or len(values) != 3 or f"teacher_{metrics[0]}" not in values:
-                raise ValueError(f"{task}: expected {{METRIC, teacher_METRIC, delta}}")
+            if len(metrics) != 1:
+                raise ValueError(f"{task}: {expected}")
             metric = metrics[0]
+            compared = {metric, f"teacher_{metric}", "delta"}
+            if set(values) not in ({metric}, compared):
+                raise ValueError(f"{task}: {expected}")
             tasks[task] = {
                 "metric": metric,
                 "student": values[metric],
-                "teacher": values[f"teacher_{metric}"],
+                "teacher": values.get(f"teacher_{metric}"),
                 "delta": values.get("delta"),
             }
-        return {"delta_mtl": data.get("delta_mtl"), "tasks": tasks}
+        headline = {key: data[key] for key in ("delta_mtl",) if key in data}  # else missing
+        return headline | {"tasks": tasks}
 
     @model_serializer
     def _to_file(self) -> dict[str, object]:
         return {"delta_mtl": self.delta_mtl} | {
-            task: {t.metric: t.student, f"teacher_{t.metric}": t.teacher, "delta": t.delta}
+            task: {t.metric: t.student}
+            | ({} if t.teacher is None else {f"teacher_{t.metric}": t.teacher, "delta": t.delta})
             for task, t in self.tasks.items()
         }

@@ -2,7 +2,7 @@
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import AliasChoices, Field
 
 from schemas.base import Contract, FileRecord
 
@@ -27,6 +27,20 @@ class ViewSpec(Contract):
     seed: int
 
 
+class ImportedTeacherRecord(Contract):
+    """What an imported teacher was built from (params `teacher.imported.TASK`), with the sha256
+    of its factory's file and of its weights."""
+
+    file: str
+    factory: str
+    kwargs: dict[str, Any]
+    weights: str
+    taps: dict[str, str]
+    output: str | None
+    file_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    weights_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
 class FeatureManifest(Contract):
     """What a feature store holds and what it was computed from.
 
@@ -37,7 +51,13 @@ class FeatureManifest(Contract):
 
     kind: Literal["kdmtl.features"] = "kdmtl.features"
     task: str
-    checkpoint_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    # sha256 identifying the teacher: of its kdmtl checkpoint, or of an imported teacher's record
+    # (`imported`, file paths left out). Older stores call it checkpoint_sha256.
+    teacher_fingerprint: str = Field(
+        pattern=r"^[0-9a-f]{64}$",
+        validation_alias=AliasChoices("teacher_fingerprint", "checkpoint_sha256"),
+    )
+    imported: ImportedTeacherRecord | None = None
     prepared_fingerprint: str = Field(pattern=r"^[0-9a-f]{64}$")
     split: str
     num_samples: int

@@ -65,7 +65,9 @@ class DataParams(Contract):
     """Which dataset to prepare and how."""
 
     source: str = Field(
-        "scenes", description="Data source: scenes (built-in), nyuv2 or cityscapes."
+        "scenes",
+        description="Data source: scenes (built-in), folder (images and target PNGs), nyuv2 or "
+        "cityscapes (.npy files).",
     )
     root: str | None = Field(None, description="Folder of a real dataset; unused by scenes.")
     seed: Seed = Field(0, description="Seed of the built-in scenes; unused by real datasets.")
@@ -84,6 +86,11 @@ class DataParams(Contract):
     )
     augment: bool = Field(
         False, description="Random scale-crop and flip views for distillation (off in the paper)."
+    )
+    depth_scale: Float = Field(
+        1000.0,
+        gt=0,
+        description="folder source: 16-bit depth PNG values per metre (1000: millimetres).",
     )
 
     @field_validator("source")
@@ -166,15 +173,69 @@ class TrainParams(Contract):
     )
 
 
+class ImportedTeacherParams(Contract):
+    """A teacher that kdmtl does not train: any torch.nn.Module that a function of a Python file
+    builds, with weights from a file, and named submodules whose outputs are the features."""
+
+    file: str = Field(description="Python file that defines the factory (a DVC dependency).")
+    factory: str = Field(
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Function of that file, called with kwargs, that returns the module.",
+    )
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Arguments of the factory.")
+    weights: str = Field(
+        description="The module's state dict: a .safetensors file, or a weights-only torch.save "
+        "file; never a pickle."
+    )
+    taps: dict[str, str] = Field(
+        description="Student feature -> the teacher's submodule whose output it is distilled "
+        "towards, e.g. {bottleneck: encoder.layer4, decoder: decoder.fuse}."
+    )
+    output: str | None = Field(
+        None,
+        description="Where the teacher's prediction is: a submodule's name, `forward` for what "
+        "the module returns, or null when it gives none (the student is then evaluated against "
+        "the ground truth only).",
+    )
+
+    @field_validator("taps")
+    @classmethod
+    def _student_taps(cls, value: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        wanted = _context(info).get("feature_taps")
+        if wanted is not None and sorted(value) != sorted(wanted):
+            raise ValueError(
+                f"taps must name one submodule for each of the student's features "
+                f"{', '.join(wanted)}; got {', '.join(value) or 'none'}"
+            )
+        return value
+
+
 class TeacherParams(TrainParams):
     """Training of the teachers; `overrides.TASK` changes keys for one teacher only, so that
-    changing one teacher's params does not retrain the others."""
+    changing one teacher's params does not retrain the others. `trained` lists the tasks whose
+    teachers kdmtl trains, `imported` the others'."""
 
     overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    trained: list[str] = Field(
+        ["semseg", "depth", "normal"],
+        description="Tasks whose teachers kdmtl trains (train_teacher@TASK in dvc.yaml); every "
+        "task is here or in imported.",
+    )
+    imported: dict[str, ImportedTeacherParams] = Field(
+        default_factory=dict, description="TASK -> an imported teacher, which kdmtl never trains."
+    )
 
     @model_validator(mode="after")
     def _valid_overrides(self, info: ValidationInfo) -> "TeacherParams":
-        _check_known(self.overrides, _context(info).get("tasks"), "a task", "overrides: ")
+        known = _context(info).get("tasks")
+        _check_known(self.overrides, known, "a task", "overrides: ")
+        _check_known(self.imported, known, "a task", "imported: ")
+        _check_known(self.trained, known, "a task", "trained: ")
+        for task in self.imported:
+            if self.overrides.get(task):
+                raise ValueError(
+                    f"overrides.{task}: the {task} teacher is imported, kdmtl does not train it"
+                )
         for task in self.overrides:
             try:
                 self.for_task(task)
@@ -186,7 +247,7 @@ class TeacherParams(TrainParams):
 
     def for_task(self, task: str) -> TrainParams:
         """The training params of one teacher."""
-        base = self.model_dump(exclude={"overrides"})
+        base = self.model_dump(exclude={"overrides", "trained", "imported"})
         return TrainParams.model_validate(base | self.overrides.get(task, {}))
 
 
@@ -358,6 +419,29 @@ class Params(Contract):
         missing = [task for task in self.tasks if task not in self.student.kd_weights]
         if self.student.method == "kd" and missing:
             raise ValueError(f"student.kd_weights has no weight for task {missing[0]!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _one_teacher_per_task(self) -> "Params":
+        imported, trained = self.teacher.imported, self.teacher.trained
+        for task in self.tasks:
+            if task in trained and task in imported:
+                raise ValueError(
+                    f"task {task!r} is in teacher.trained and in teacher.imported: keep it in "
+                    "one, trained (by kdmtl) or imported"
+                )
+            if task not in trained and task not in imported:
+                raise ValueError(
+                    f"task {task!r} has no teacher: add it to teacher.trained (kdmtl trains it) "
+                    "or to teacher.imported"
+                )
+        for key, teachers in (("trained", trained), ("imported", imported)):
+            for task in teachers:
+                if task not in self.tasks:
+                    raise ValueError(
+                        f"teacher.{key}: {task!r} is not one of tasks ({', '.join(self.tasks)}); "
+                        f"remove it from teacher.{key}, or add it to tasks"
+                    )
         return self
 
     @model_validator(mode="after")

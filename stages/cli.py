@@ -4,8 +4,10 @@ import click
 
 from stages import (
     evaluate,
+    export,
     extract_features,
     inspect_store,
+    predict,
     prepare,
     report,
     train_student,
@@ -20,8 +22,8 @@ def main() -> None:
     """kdmtl: knowledge distillation of single-task teachers into one multi-task network,
     with teacher features cached in Zarr (Li and Bilen, 2020).
 
-    Every command but inspect reads ./params.yaml (or --params FILE) and writes where its params
-    say.
+    Every command but inspect, predict and export reads ./params.yaml (or --params FILE) and
+    writes where its params say.
     """
 
 
@@ -31,6 +33,8 @@ for module in (
     extract_features,
     train_student,
     evaluate,
+    predict,
+    export,
     report,
     inspect_store,
     verify_store,

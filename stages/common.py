@@ -13,18 +13,24 @@ import torch
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from pipeline.checkpoints import load_teacher
 from pipeline.data import SOURCES
 from pipeline.distributed import Replicas, process_device, process_group
 from pipeline.errors import KdmtlError
-from pipeline.files import write_atomically
-from pipeline.models import ARCHITECTURES, Architecture
+from pipeline.files import sha256_file, write_atomically
+from pipeline.models import ARCHITECTURES, FEATURES
 from pipeline.store.encodings import ENCODINGS
 from pipeline.store.prepared import PreparedStore
-from pipeline.tasks import TASKS
+from pipeline.tasks import TASKS, make_tasks
+from pipeline.teachers import (
+    Teacher,
+    import_teacher,
+    imported_fingerprint,
+    imported_record,
+    trained_teacher,
+)
 from pipeline.training import resolve_device
 from pipeline.weighting import WEIGHTINGS
-from schemas.checkpoint import TeacherMetadata
+from schemas.checkpoint import CheckpointMetadata
 from schemas.params import Params
 
 
@@ -42,6 +48,7 @@ def validation_context() -> dict[str, Any]:
         "architectures": ARCHITECTURES.names(),
         "weightings": WEIGHTINGS.names(),
         "encodings": {name: ENCODINGS[name].mantissa_bits for name in ENCODINGS},
+        "feature_taps": list(FEATURES),
     }
 
 
@@ -104,29 +111,50 @@ def choose_task(task: str, params: Params) -> None:
         )
 
 
-def teacher_checkpoint(params: Params, task: str) -> Path:
-    path = Path(params.paths.teachers) / f"{task}.pt"
-    if not path.is_file():
-        raise KdmtlError(
-            f"no teacher checkpoint at {path}: run `kdmtl train-teacher --teacher {task}` first"
-        )
-    return path
+def current_teacher(params: Params, task: str, prepared: PreparedStore) -> Teacher:
+    """The task's teacher as the params name it: imported (`teacher.imported.TASK`), or the
+    checkpoint kdmtl trained on the current prepared data (`paths.teachers/TASK.pt`)."""
+    spec = params.teacher.imported.get(task)
+    if spec is None:
+        path = Path(params.paths.teachers) / f"{task}.pt"
+        return trained_teacher(path, task, prepared.manifest.fingerprint, "paths.teachers")
+    channels = make_tasks([task], prepared.manifest.num_classes)[task].channels
+    size = (prepared.manifest.height, prepared.manifest.width)
+    return import_teacher(task, spec, channels, size, f"teacher.imported.{task}")
 
 
-def load_current_teacher(
-    params: Params, task: str, prepared: PreparedStore
-) -> tuple[Architecture, TeacherMetadata, Path]:
-    """The task's teacher, refused when it was trained for another task or on other data."""
-    path = teacher_checkpoint(params, task)
-    teacher, metadata = load_teacher(path)
-    if metadata.task != task:
-        raise KdmtlError(f"{path} is a {metadata.task} teacher, not {task}")
-    if metadata.prepared_fingerprint != prepared.manifest.fingerprint:
+def current_fingerprint(params: Params, task: str) -> str | None:
+    """The fingerprint of the task's teacher from its files alone, without building it; None
+    when a file is missing."""
+    spec = params.teacher.imported.get(task)
+    if spec is None:
+        path = Path(params.paths.teachers) / f"{task}.pt"
+        return sha256_file(path) if path.is_file() else None
+    if not (Path(spec.file).is_file() and Path(spec.weights).is_file()):
+        return None
+    return imported_fingerprint(imported_record(spec, f"teacher.imported.{task}"))
+
+
+def parse_size(value: str) -> tuple[int, int]:
+    """`HxW` from an option, e.g. 288x384."""
+    try:
+        height, width = (int(side) for side in value.lower().split("x"))
+    except ValueError:
+        height = width = 0
+    if min(height, width) < 1:
+        raise click.BadParameter(f"{value!r} is not HxW, e.g. 288x384", param_hint="'--size'")
+    return height, width
+
+
+def trained_size(path: Path, metadata: CheckpointMetadata) -> tuple[int, int]:
+    """The [height, width] a checkpoint's network was trained on."""
+    if metadata.image_size is None:
         raise KdmtlError(
-            f"{path} was trained on other prepared data than {prepared.path}: "
-            f"run `kdmtl train-teacher --teacher {task}` again"
+            f"{path} was made before kdmtl recorded the image size: pass --size HxW, the "
+            "data.height and data.width it was trained with"
         )
-    return teacher, metadata, path
+    height, width = metadata.image_size
+    return height, width
 
 
 def params_option(command: Callable) -> Callable:

@@ -13,7 +13,7 @@ from pipeline.store.stream import ChunkStream
 from pipeline.tasks import make_tasks
 from pipeline.training import resolve_device
 from schemas.params import Params
-from stages.common import load_current_teacher, params_option, user_errors, write_json
+from stages.common import current_teacher, params_option, user_errors, write_json
 
 GRID_IMAGES = 4
 
@@ -32,20 +32,22 @@ def command(params: Params) -> None:
     student, metadata = load_student(student_path)
     if metadata.prepared_fingerprint != prepared.manifest.fingerprint:
         raise KdmtlError(f"{student_path} was trained on other prepared data than {prepared.path}")
-    teachers, teacher_checkpoints = {}, {}
+    teachers, fingerprints = {}, {}
     for task in metadata.tasks:
-        teachers[task], _, path = load_current_teacher(params, task, prepared)
-        teacher_checkpoints[task] = sha256_file(path)
+        teacher = current_teacher(params, task, prepared)
+        fingerprints[task] = teacher.fingerprint
         distilled = metadata.distilled_from.get(task)
-        if distilled is not None and distilled != teacher_checkpoints[task]:
+        if distilled is not None and distilled != teacher.fingerprint:
             raise KdmtlError(
-                f"{student_path} was distilled from another {task} teacher than {path}: "
-                "run `kdmtl train-student` again (or `dvc repro`)"
+                f"{student_path} was distilled from another {task} teacher than "
+                f"{teacher.source}: run `kdmtl train-student` again (or `dvc repro`)"
             )
+        if teacher.predicts:
+            teachers[task] = teacher.network
     tasks = make_tasks(metadata.tasks, prepared.manifest.num_classes)
     device = resolve_device(params.device)
     test = ChunkStream(PreparedSplit(prepared, "test", metadata.tasks), 32, shuffle=False)
-    checkpoints = (sha256_file(student_path), teacher_checkpoints)
+    checkpoints = (sha256_file(student_path), fingerprints)
     report = compare(student, teachers, tasks, test, device, checkpoints)
     metrics = Path(params.paths.metrics)
     write_json(metrics / "details" / "eval.json", report.model_dump())
@@ -54,16 +56,23 @@ def command(params: Params) -> None:
     picture = prediction_grid(student, teachers, tasks, first, device)
     png = Path(params.paths.plots) / "eval" / "predictions.png"
     write_atomically(png, lambda partial: picture.save(partial, format="PNG"))
-    click.echo(
-        f"Delta_MTL of the student against its teachers: {report.delta_mtl:+.2f}% "
-        "(the mean of the tasks' deltas; positive: the student is better)"
-    )
+    if report.delta_mtl is None:
+        click.echo("no teacher gives predictions: the student is evaluated against ground truth")
+    else:
+        click.echo(
+            f"Delta_MTL of the student against its teachers: {report.delta_mtl:+.2f}% "
+            "(the mean of the tasks' deltas; positive: the student is better)"
+        )
     for task in tasks:
         main = tasks[task].main_metric
-        student_main, teacher_main = report.student[task][main], report.teachers[task][main]
-        click.echo(
-            f"  {task}: {main} student {student_main:.4f}, teacher {teacher_main:.4f}; "
-            f"task delta {report.delta_per_task[task]:+.2f}%, the mean over its "
-            f"{len(report.student[task])} metrics"
-        )
+        line = f"  {task}: {main} student {report.student[task][main]:.4f}"
+        if task in report.teachers:
+            line += (
+                f", teacher {report.teachers[task][main]:.4f}; task delta "
+                f"{report.delta_per_task[task]:+.2f}%, the mean over its "
+                f"{len(report.student[task])} metrics"
+            )
+        else:
+            line += " (its imported teacher gives no prediction: no delta)"
+        click.echo(line)
     click.echo(f"wrote {metrics / 'eval.json'}, {metrics / 'details' / 'eval.json'} and {png}")

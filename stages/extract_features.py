@@ -6,14 +6,13 @@ from pathlib import Path
 import click
 
 from pipeline.distributed import launched_by_torchrun, process_device
-from pipeline.files import sha256_file
 from pipeline.precision import resolve_precision
 from pipeline.store.extract import extract, feature_shapes
 from pipeline.store.features import assign_shards, open_or_create, plan_manifest
 from pipeline.store.prepared import open_prepared
 from pipeline.training import resolve_device
 from schemas.params import Params
-from stages.common import choose_task, load_current_teacher, params_option, user_errors
+from stages.common import choose_task, current_teacher, params_option, user_errors
 
 
 def parse_shard_of(value: str | None) -> tuple[int, int]:
@@ -45,30 +44,32 @@ def parse_shard_of(value: str | None) -> tuple[int, int]:
 @params_option
 @user_errors
 def command(task: str, shard_of: str | None, params: Params) -> None:
-    """Run a teacher once over the training data and cache its features in features/TASK.zarr.
+    """Run a teacher (trained or imported) once over the training data and cache its features in
+    features/TASK.zarr.
 
     Resumes a killed run from its completed shards."""
     choose_task(task, params)
     part, parts = parse_shard_of(shard_of)
     prepared = open_prepared(Path(params.paths.prepared))
     prepared.check_matches(params.data)
-    teacher, _, checkpoint = load_current_teacher(params, task, prepared)
+    teacher = current_teacher(params, task, prepared)
     device = process_device(resolve_device(params.device))
-    teacher.to(device)
+    network = teacher.network.to(device)
     manifest = plan_manifest(
         task,
-        sha256_file(checkpoint),
+        teacher.fingerprint,
         prepared,
-        feature_shapes(teacher, prepared.manifest.height, prepared.manifest.width),
+        feature_shapes(network, prepared.manifest.height, prepared.manifest.width),
         params.features,
         params.data.augment,
         resolve_precision(params.features.precision, device),
+        teacher.imported,
     )
     path = Path(params.paths.features) / f"{task}.zarr"
-    inputs = {"paths.prepared": prepared.path, "paths.teachers": checkpoint}
+    inputs = {"paths.prepared": prepared.path, **teacher.files}
     store = open_or_create(path, manifest, params.features, parts == 1, inputs)
     shards = assign_shards(manifest.num_shards, part, parts)
-    stats = extract(teacher, prepared, store, shards, params.features.batch_size, device)
+    stats = extract(network, prepared, store, shards, params.features.batch_size, device)
     complete = store.mark_complete_if_all_done()
     state = (
         "the store is complete"

@@ -7,14 +7,14 @@ import click
 from pipeline import __version__
 from pipeline.checkpoints import ensure_replaceable, save_checkpoint
 from pipeline.errors import KdmtlError
-from pipeline.files import sha256_file
 from pipeline.store.features import FeatureStore
 from pipeline.store.prepared import open_prepared
 from pipeline.student import check_stores, train_student
 from schemas.checkpoint import ModelSpec, StudentMetadata
 from schemas.params import Params
 from stages.common import (
-    load_current_teacher,
+    current_fingerprint,
+    current_teacher,
     main_process_log,
     params_option,
     training_processes,
@@ -47,15 +47,14 @@ def command(params: Params) -> None:
                 f"{commands} (or `dvc repro`)"
             )
         stores = {task: FeatureStore.open(path) for task, path in paths.items()}
-        checkpoints = {task: Path(params.paths.teachers) / f"{task}.pt" for task in params.tasks}
-        shas = {task: sha256_file(p) if p.is_file() else None for task, p in checkpoints.items()}
-        check_stores(stores, prepared, shas, params.features, params.data.augment)
-        distilled_from = {task: store.manifest.checkpoint_sha256 for task, store in stores.items()}
+        fingerprints = {task: current_fingerprint(params, task) for task in params.tasks}
+        check_stores(stores, prepared, fingerprints, params.features, params.data.augment)
+        distilled_from = {t: store.manifest.teacher_fingerprint for t, store in stores.items()}
     elif config.method == "kd":
         teachers = {}
         for task in params.tasks:
-            teachers[task], _, checkpoint = load_current_teacher(params, task, prepared)
-            distilled_from[task] = sha256_file(checkpoint)
+            teacher = current_teacher(params, task, prepared)
+            teachers[task], distilled_from[task] = teacher.network, teacher.fingerprint
     model = params.student_model
     with (
         training_processes(params) as (replicas, device),
@@ -84,6 +83,7 @@ def command(params: Params) -> None:
             prepared_fingerprint=prepared.manifest.fingerprint,
             distilled_from=distilled_from,
             class_names=prepared.manifest.class_names,
+            image_size=[prepared.manifest.height, prepared.manifest.width],
             test_metrics=result.test_metrics,
             kdmtl_version=__version__,
         )

@@ -6,6 +6,7 @@ import click
 
 from pipeline import __version__
 from pipeline.checkpoints import ensure_replaceable, save_checkpoint
+from pipeline.errors import KdmtlError
 from pipeline.store.prepared import open_prepared
 from pipeline.teacher import train_teacher
 from schemas.checkpoint import ModelSpec, TeacherMetadata
@@ -28,6 +29,11 @@ def command(task: str, params: Params) -> None:
     METRICS/teachers/TASK/ (DVCLive), updated after every epoch. Started by torchrun, trains
     with DistributedDataParallel, one process per GPU (README, "Several GPUs and machines")."""
     choose_task(task, params)
+    if task in params.teacher.imported:
+        raise KdmtlError(
+            f"the {task} teacher is imported (teacher.imported.{task}): kdmtl does not train it; "
+            f"run `kdmtl extract-features --teacher {task}` to cache its features"
+        )
     checkpoint = Path(params.paths.teachers) / f"{task}.pt"
     # Before training, not after: refuse what kdmtl must not replace.
     ensure_replaceable(checkpoint, TeacherMetadata.model_fields["kind"].default)
@@ -60,6 +66,7 @@ def command(task: str, params: Params) -> None:
             seed=params.seed,
             prepared_fingerprint=store.manifest.fingerprint,
             class_names=store.manifest.class_names,
+            image_size=[store.manifest.height, store.manifest.width],
             test_metrics=result.test_metrics,
             kdmtl_version=__version__,
         )

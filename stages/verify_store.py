@@ -4,9 +4,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.checkpoints import load_teacher
 from pipeline.errors import KdmtlError
-from pipeline.files import sha256_file
 from pipeline.store.checks import Verification, read_every_chunk, recompute
 from pipeline.store.features import FeatureStore
 from pipeline.store.manifest import read_manifest, store_kind
@@ -14,7 +12,7 @@ from pipeline.store.prepared import PreparedStore, open_prepared
 from pipeline.training import resolve_device
 from schemas.params import Params
 from schemas.prepared import PreparedManifest
-from stages.common import params_option, teacher_checkpoint, user_errors
+from stages.common import current_fingerprint, current_teacher, params_option, user_errors
 
 
 def verify_prepared(path: Path, report: Verification) -> None:
@@ -26,16 +24,27 @@ def verify_prepared(path: Path, report: Verification) -> None:
         report.checked.append(f"every array matches the manifest; {files} chunk files as written")
 
 
+def teacher_files(params: Params, task: str) -> str:
+    """What a teacher's fingerprint covers, for the report."""
+    spec = params.teacher.imported.get(task)
+    if spec is None:
+        return f"{Path(params.paths.teachers) / f'{task}.pt'} (sha256)"
+    return f"teacher.imported.{task} (sha256 of {spec.file} and {spec.weights}; kwargs, taps)"
+
+
 def verify_features(path: Path, checks: int, params: Params, report: Verification) -> None:
     features = FeatureStore.open(path)
     manifest = features.manifest
-    checkpoint = teacher_checkpoint(params, manifest.task)
     prepared = open_prepared(Path(params.paths.prepared))
-    stale = features.stale_against(sha256_file(checkpoint), prepared.manifest.fingerprint)
+    fingerprint = current_fingerprint(params, manifest.task)
+    if fingerprint is None:
+        current_teacher(params, manifest.task, prepared)  # raises: names the missing file
+    stale = features.stale_against(fingerprint, prepared.manifest.fingerprint)
     report.problems += [f"stale: {problem}" for problem in stale]
     if not stale:
         report.checked.append(
-            f"manifest matches {checkpoint} (sha256) and {prepared.path} (fingerprint)"
+            f"manifest matches {teacher_files(params, manifest.task)} and {prepared.path} "
+            "(fingerprint)"
         )
     done = len(features.done_shards())
     if manifest.complete:
@@ -49,9 +58,9 @@ def verify_features(path: Path, checks: int, params: Params, report: Verificatio
     report.checked.append(f"every array matches the manifest; {done} shards' files as written")
     damaged = read_every_chunk(features, report)
     if not stale:
-        teacher, _ = load_teacher(checkpoint)
+        teacher = current_teacher(params, manifest.task, prepared)
         device = resolve_device(params.device)
-        recompute(features, teacher, prepared, checks, device, report, skip=damaged)
+        recompute(features, teacher.network, prepared, checks, device, report, skip=damaged)
 
 
 @click.command("verify")
@@ -62,10 +71,10 @@ def verify_features(path: Path, checks: int, params: Params, report: Verificatio
 @params_option
 @user_errors
 def command(store: Path, checks: int, params: Params) -> None:
-    """Check a feature store against the current teacher checkpoint and prepared data, check
-    every shard file against what was written (sha256), read every chunk (checksums), and
-    recompute a few features with the teacher. Given the prepared data, check every chunk file
-    against what was written. Exits 1 on any problem."""
+    """Check a feature store against the current teacher (trained or imported) and prepared
+    data, check every shard file against what was written (sha256), read every chunk
+    (checksums), and recompute a few features with the teacher. Given the prepared data, check
+    every chunk file against what was written. Exits 1 on any problem."""
     report = Verification()
     kind = store_kind(store)
     if kind == "kdmtl.prepared":

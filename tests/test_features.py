@@ -88,7 +88,7 @@ def test_extraction_writes_the_layout_and_manifest(project: Path):
     store = FeatureStore.open(project / STORE)
     manifest = store.manifest
     assert manifest.task == "depth" and manifest.complete
-    assert manifest.checkpoint_sha256 == sha256_file(project / "models/teachers/depth.pt")
+    assert manifest.teacher_fingerprint == sha256_file(project / "models/teachers/depth.pt")
     prepared = open_prepared(project / "data/prepared.zarr")
     assert manifest.prepared_fingerprint == prepared.manifest.fingerprint
     assert (manifest.num_shards, manifest.shard_size, manifest.chunk_size) == (3, 4, 4)
@@ -393,7 +393,7 @@ def test_verify_names_a_stale_teacher_and_stale_data(project: Path):
     save_checkpoint(project / "models/teachers/depth.pt", teacher, metadata)
     result = kdmtl("verify", str(STORE))
     assert result.exit_code == 1
-    assert "stale: teacher checkpoint differs" in result.output
+    assert "stale: teacher differs" in result.output
 
     write_params(project, FEATURE_PARAMS | {"data": FEATURE_PARAMS["data"] | {"seed": 9}})
     assert kdmtl("prepare").exit_code == 0

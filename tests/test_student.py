@@ -364,9 +364,7 @@ def test_a_stale_store_is_refused_naming_it(project: Path):
     save_checkpoint(project / "models/teachers/normal.pt", teacher, metadata)
     result = kdmtl("train-student")
     assert result.exit_code == 2
-    assert "feature store features/normal.zarr cannot be used: teacher checkpoint differs" in (
-        result.output
-    )
+    assert "feature store features/normal.zarr cannot be used: teacher differs" in (result.output)
     assert "run `kdmtl extract-features --teacher normal`" in result.output
     assert not (project / "models/student.pt").exists()
 

@@ -7,9 +7,10 @@ import dask
 import dask.array as da
 import numpy as np
 import torch
+from torch import nn
 
 from pipeline.errors import reading
-from pipeline.models import FEATURES, Architecture
+from pipeline.models import FEATURES
 from pipeline.precision import Precision, recomputation_tolerance
 from pipeline.store.extract import NonFiniteFeature, teacher_features
 from pipeline.store.features import SPLIT, FeatureStore, keep_bits
@@ -117,7 +118,7 @@ def read_every_chunk(store: FeatureStore, report: Verification) -> set[int]:
 
 def recompute(
     store: FeatureStore,
-    teacher: Architecture,
+    teacher: nn.Module,
     prepared: PreparedStore,
     checks: int,
     device: torch.device,

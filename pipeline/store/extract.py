@@ -13,10 +13,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 
 from pipeline.augment import apply_views, draw_views
 from pipeline.errors import KdmtlError
-from pipeline.models import FEATURES, Architecture
+from pipeline.models import FEATURES
 from pipeline.precision import Precision
 from pipeline.progress import progress_bar
 from pipeline.store.encodings import FeatureEncoding
@@ -24,7 +25,7 @@ from pipeline.store.features import SPLIT, FeatureStore
 from pipeline.store.prepared import PreparedSplit, PreparedStore
 
 
-def feature_shapes(teacher: Architecture, height: int, width: int) -> dict[str, tuple[int, ...]]:
+def feature_shapes(teacher: nn.Module, height: int, width: int) -> dict[str, tuple[int, ...]]:
     """(C, h, w) of each feature tap for images of the given size."""
     with torch.inference_mode():
         device = next(teacher.parameters()).device
@@ -73,7 +74,7 @@ class NonFiniteFeature(KdmtlError):
 
 @torch.inference_mode()
 def teacher_features(
-    teacher: Architecture,
+    teacher: nn.Module,
     images: torch.Tensor,
     views: np.ndarray,
     batch_size: int,
@@ -170,7 +171,7 @@ class _ShardWriter:
 
 
 def extract(
-    teacher: Architecture,
+    teacher: nn.Module,
     prepared: PreparedStore,
     store: FeatureStore,
     shards: list[int],

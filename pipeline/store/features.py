@@ -54,7 +54,7 @@ from pipeline.store.integrity import (
 from pipeline.store.manifest import check_writable, group_problems, read_manifest, write_manifest
 from pipeline.store.prepared import PreparedStore
 from schemas.base import FileRecord
-from schemas.features import FeatureArrayInfo, FeatureManifest, ViewSpec
+from schemas.features import FeatureArrayInfo, FeatureManifest, ImportedTeacherRecord, ViewSpec
 from schemas.params import FeatureParams
 
 SPLIT = "train"
@@ -110,15 +110,17 @@ def view_spec(config: FeatureParams, augment: bool) -> ViewSpec:
 
 def plan_manifest(
     task: str,
-    checkpoint_sha256: str,
+    teacher_fingerprint: str,
     prepared: PreparedStore,
     shapes: dict[str, tuple[int, ...]],
     config: FeatureParams,
     augment: bool,
     precision: str = "fp32",
+    imported: ImportedTeacherRecord | None = None,
 ) -> FeatureManifest:
     """The manifest of the store that extraction with these inputs writes (not yet complete),
-    with the teacher run in `precision` (resolved: fp32, bf16 or fp16)."""
+    with the teacher run in `precision` (resolved: fp32, bf16 or fp16); `imported` describes an
+    imported teacher."""
     manifest = prepared.manifest
     count = manifest.splits[SPLIT].num_samples
     chunk = manifest.chunk_size
@@ -136,7 +138,8 @@ def plan_manifest(
     }
     return FeatureManifest(
         task=task,
-        checkpoint_sha256=checkpoint_sha256,
+        teacher_fingerprint=teacher_fingerprint,
+        imported=imported,
         prepared_fingerprint=manifest.fingerprint,
         split=SPLIT,
         num_samples=count,
@@ -354,13 +357,13 @@ class FeatureStore:
         """Refuse a store whose shard files are not those written (cheap: sizes only)."""
         refuse_damage(f"feature store {self.path}", self.problems(), self.remedy)
 
-    def stale_against(self, checkpoint_sha256: str, prepared_fingerprint: str) -> list[str]:
-        """What makes the store out of date for this teacher checkpoint and prepared data."""
+    def stale_against(self, teacher_fingerprint: str, prepared_fingerprint: str) -> list[str]:
+        """What makes the store out of date for this teacher (its fingerprint) and prepared data."""
         problems = []
-        if self.manifest.checkpoint_sha256 != checkpoint_sha256:
+        held = self.manifest.teacher_fingerprint
+        if held != teacher_fingerprint:
             problems.append(
-                f"teacher checkpoint differs (store {self.manifest.checkpoint_sha256[:12]}, "
-                f"checkpoint {checkpoint_sha256[:12]})"
+                f"teacher differs (store {held[:12]}, teacher {teacher_fingerprint[:12]})"
             )
         if self.manifest.prepared_fingerprint != prepared_fingerprint:
             problems.append(

@@ -204,7 +204,11 @@ def test_bad_input_kd_weights_naming_an_unknown_task(project: Path, weights, exp
 @pytest.mark.guard
 def test_bad_input_kd_weights_may_name_known_tasks_outside_tasks():
     """The defaults weight all three tasks, so a run on fewer tasks keeps them."""
-    raw = {"tasks": ["depth"], "student": {"kd_weights": {"semseg": 1, "depth": 1, "normal": 2}}}
+    raw = {
+        "tasks": ["depth"],
+        "teacher": {"trained": ["depth"]},
+        "student": {"kd_weights": {"semseg": 1, "depth": 1, "normal": 2}},
+    }
     assert Params.model_validate(raw, context=validation_context()).tasks == ["depth"]
 
 
@@ -293,7 +297,11 @@ README_EXAMPLES = [
     {"features": {"encoding": "normalized-int8"}},
     {"loader": {"resident": "device", "memory_budget_gb": 40}},
     {"features": {"views": 4}, "data": {"augment": True}},
-    {"tasks": ["semseg", "depth"], "data": {"source": "cityscapes", "root": "x"}},
+    {
+        "tasks": ["semseg", "depth"],
+        "teacher": {"trained": ["semseg", "depth"]},
+        "data": {"source": "cityscapes", "root": "x"},
+    },
     {"data": {"source": "nyuv2", "root": "x", "num_train": None, "num_test": None}},
 ]
 
