@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from pipeline.data.images import IMAGE_SUFFIXES
-from pipeline.errors import DataError, KdmtlError, reading
+from pipeline.data.images import IMAGE_SUFFIXES, opened_image
+from pipeline.errors import KdmtlError
 from pipeline.models import Architecture
 from pipeline.tasks import Task
 from pipeline.visualize import (
@@ -59,21 +59,14 @@ def image_files(paths: list[Path]) -> list[Path]:
 
 def _check_header(path: Path) -> None:
     """Refuse, before anything is written, a file that is not an image."""
-    with reading(path, "give PNG or JPEG images"):
-        try:
-            Image.open(path).close()
-        except UnidentifiedImageError:
-            raise DataError(f"{path} is not an image file PIL can read") from None
+    with opened_image(path, "give PNG or JPEG images"):
+        pass
 
 
 def read_image(path: Path) -> torch.Tensor:
     """[3, h, w] float RGB in [0, 1]."""
-    with reading(path, "give PNG or JPEG images"):
-        try:
-            with Image.open(path) as image:
-                rgb = np.asarray(image.convert("RGB"), dtype=np.float32) / 255
-        except UnidentifiedImageError:
-            raise DataError(f"{path} is not an image file PIL can read") from None
+    with opened_image(path, "give PNG or JPEG images") as image:
+        rgb = np.asarray(image.convert("RGB"), dtype=np.float32) / 255
     return torch.from_numpy(rgb).permute(2, 0, 1)
 
 

@@ -117,3 +117,13 @@ def test_a_bad_file_is_named_and_nothing_is_written(project: Path, damage: str):
     folder_params(project)
     refused(("prepare",), message)
     assert not (project / "data").exists()
+
+
+def test_an_image_too_large_to_decode_safely_is_named(project: Path, monkeypatch):
+    """PIL refuses images beyond twice its pixel limit as possible decompression bombs; that
+    limit is lowered here so that the test's images reach it."""
+    write_image_folder(project / "own", {"train": 2, "test": 1})
+    folder_params(project)
+    monkeypatch.setattr("PIL.Image.MAX_IMAGE_PIXELS", 100)
+    refused(("prepare",), "own/train/images/s00.png is refused: Image size (768 pixels)")
+    assert not (project / "data").exists()

@@ -3,20 +3,24 @@ whole pipeline; its features, predictions and fingerprint checked against the mo
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_PARAMS, kdmtl, refused, write_params
-from own_data import build_teacher, write_image_folder, write_teacher
+import yaml
+from conftest import REPO, TINY_PARAMS, kdmtl, refused, write_params
+from own_data import TEACHER_CODE, build_teacher, write_image_folder, write_teacher
 from safetensors.torch import save_file
 
+from pipeline.errors import KdmtlError
 from pipeline.store.features import FeatureStore
 from pipeline.store.prepared import open_prepared
 from pipeline.teachers import imported_fingerprint
-from schemas.params import ImportedTeacherParams
+from pipeline.teachers.imported import ImportedTeacher
+from schemas.params import ImportedTeacherParams, Params
 from stages.common import validation_context
 
 DATA = {"source": "folder", "root": "own", "num_train": None, "num_test": None, "chunk_size": 2}
@@ -160,8 +164,6 @@ def prepared_copy(distilled: Path, tmp_path: Path, monkeypatch) -> Path:
 
 
 def set_teacher(project: Path, **changes) -> None:
-    import yaml
-
     values = yaml.safe_load((project / "params.yaml").read_text())
     values["teacher"]["imported"]["depth"] |= changes
     write_params(project, values)
@@ -242,3 +244,47 @@ def test_taps_name_the_students_features():
     spec = {"file": "f.py", "factory": "f", "weights": "w", "taps": {"decoder": "x"}}
     with pytest.raises(ValueError, match="taps must name one submodule for each of the student's"):
         ImportedTeacherParams.model_validate(spec, context=validation_context())
+
+
+def test_the_readme_example_is_the_teacher_these_tests_import():
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## Your own teachers and data\n")[1].split("\n## ")[0]
+    code = section.split("```python\n")[1].split("```")[0]
+    assert code.strip() == TEACHER_CODE.strip()
+    example = yaml.safe_load(section.split("```yaml\n")[1].split("```")[0])
+    values = yaml.safe_load((REPO / "params.yaml").read_text())
+    for key, value in example.items():
+        values[key] = values[key] | value if isinstance(value, dict) else value
+    parsed = Params.model_validate(values, context=validation_context())
+    assert parsed.teacher.imported["depth"].taps == {"bottleneck": "encoder", "decoder": "decoder"}
+    assert parsed.data.source == "folder"
+
+
+class TwoOutputs(torch.nn.Module):
+    def forward(self, x):
+        return x, x
+
+
+class Shared(torch.nn.Module):
+    """Runs one block twice, returns a tuple from another."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = torch.nn.Conv2d(3, 3, 1)
+        self.pair = TwoOutputs()
+
+    def forward(self, x):
+        return self.pair(self.block(self.block(x)))[0]
+
+
+@pytest.mark.parametrize(
+    ("taps", "message"),
+    [
+        ({"bottleneck": "pair", "decoder": "pair"}, "'pair' (taps.bottleneck) gives a tuple"),
+        ({"bottleneck": "block", "decoder": "pair"}, "submodule 'block' runs twice"),
+    ],
+)
+def test_a_tap_must_give_one_feature_map(taps: dict, message: str):
+    teacher = ImportedTeacher(Shared(), "depth", taps, None, "teacher.imported.depth")
+    with pytest.raises(KdmtlError, match=re.escape(message)):
+        teacher(torch.zeros(1, 3, 8, 8))

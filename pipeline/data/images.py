@@ -15,6 +15,8 @@ any pixel is decoded; labels, depth and normals are checked as they are read. A 
 size than `data.height` x `data.width` is resized like the .npy sources' (`to_prepared`).
 """
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import ClassVar
 
@@ -42,6 +44,20 @@ REQUIREMENT = {
     "normal": "an 8-bit RGB PNG",
 }
 TARGET_TASKS = tuple(MODES)
+
+
+@contextmanager
+def opened_image(path: Path, remedy: str) -> Iterator[Image.Image]:
+    """The image file at `path`, opened lazily; what PIL cannot or will not open (an image so
+    large it may be a decompression bomb) is a DataError naming the file."""
+    with reading(path, remedy):
+        try:
+            with Image.open(path) as image:
+                yield image
+        except UnidentifiedImageError:
+            raise DataError(f"{path} is not an image file PIL can read") from None
+        except Image.DecompressionBombError as error:
+            raise DataError(f"{path} is refused: {error}") from None
 
 
 @SOURCES.register
@@ -138,12 +154,8 @@ class ImageFolderSource(DataSource):
     @staticmethod
     def _check_header(path: Path, modes: tuple[str, ...], requirement: str) -> tuple[int, int]:
         """(width, height) from the header, refused unless its mode is one of `modes`."""
-        with reading(path, "write it again as " + requirement):
-            try:
-                with Image.open(path) as image:
-                    mode, size, kind = image.mode, image.size, image.format
-            except UnidentifiedImageError:
-                raise DataError(f"{path} is not an image file PIL can read") from None
+        with opened_image(path, "write it again as " + requirement) as image:
+            mode, size, kind = image.mode, image.size, image.format
         if mode not in modes:
             raise DataError(f"{path} is a {kind} image of mode {mode}; expected {requirement}")
         if not all(1 <= side <= MAX_SIDE for side in size):
@@ -177,7 +189,7 @@ class ImageFolderSource(DataSource):
 
     @staticmethod
     def _decode(path: Path) -> np.ndarray:
-        with reading(path, "write it again"), Image.open(path) as image:
+        with opened_image(path, "write it again") as image:
             return np.asarray(image)
 
     def num_samples(self, split: str) -> int:
@@ -189,7 +201,7 @@ class ImageFolderSource(DataSource):
 
     def _read_sample(self, split: str, stem: str) -> dict[str, np.ndarray]:
         path = self._images[(split, stem)]
-        with reading(path, "write it again"), Image.open(path) as image:
+        with opened_image(path, "write it again") as image:
             rgb = np.asarray(image.convert("RGB"), dtype=np.float32) / 255
         sample = {"image": torch.from_numpy(rgb).permute(2, 0, 1)}
         for task in self.tasks:
