@@ -12,8 +12,10 @@ from stages.common import user_errors
 
 def format_summary(summary: dict) -> str:
     state = "complete" if summary["complete"] else "INCOMPLETE"
+    imported = summary["imported"]
+    origin = "" if imported is None else f" (imported: {imported['file']}:{imported['factory']})"
     lines = [
-        f"{summary['path']}: teacher {summary['task']}, {summary['samples']} samples x "
+        f"{summary['path']}: teacher {summary['task']}{origin}, {summary['samples']} samples x "
         f"{summary['views']} views (augment {'on' if summary['augment'] else 'off'}), "
         f"{summary['shards_complete']}/{summary['shards']} shards written, {state}"
     ]

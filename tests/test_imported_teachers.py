@@ -98,6 +98,8 @@ def test_the_store_holds_the_modules_own_features_and_names_what_made_them(copy:
     verified = kdmtl("verify", "features/depth.zarr")
     assert verified.exit_code == 0, verified.output
     assert "ok: manifest matches teacher.imported.depth" in verified.output
+    inspected = kdmtl("inspect", "features/depth.zarr")
+    assert "teacher depth (imported: teachers/depth_net.py:build), 6 samples" in inspected.output
 
 
 def test_evaluation_compares_with_the_modules_own_predictions(copy: Path):

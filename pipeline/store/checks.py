@@ -38,6 +38,7 @@ def summarize(store: FeatureStore) -> dict:
     summary = {
         "path": str(store.path),
         "task": manifest.task,
+        "imported": None if manifest.imported is None else manifest.imported.model_dump(),
         "samples": manifest.num_samples,
         "views": manifest.views.views,
         "augment": manifest.views.augment,
