@@ -21,7 +21,6 @@ import torch
 from torch import nn
 
 from pipeline.errors import KdmtlError
-from pipeline.files import write_atomically
 from pipeline.models import Architecture
 
 # Largest difference allowed between ONNX Runtime's outputs and PyTorch's, relative to the
@@ -109,7 +108,7 @@ def export_onnx(
             verbose=False,
         )
     program.model.metadata_props[MADE_BY] = checkpoint
-    write_atomically(path, lambda partial: program.save(str(partial)))
+    program.save(str(path))
 
 
 def made_by_kdmtl(path: Path) -> bool:

@@ -7,7 +7,7 @@ import click
 from pipeline.checkpoints import load_trained_network
 from pipeline.errors import KdmtlError
 from pipeline.export import TOLERANCE, export_onnx, made_by_kdmtl, onnx_difference
-from pipeline.files import sha256_file
+from pipeline.files import sha256_file, write_atomically
 from stages.common import parse_size, trained_size, user_errors
 
 
@@ -57,14 +57,20 @@ def command(out: Path, model: Path, export_format: str, size: str | None) -> Non
     network, metadata = load_trained_network(model)
     shape = parse_size(size) if size else trained_size(model, metadata)
     tasks = list(network.heads)
-    export_onnx(network, tasks, shape, out, sha256_file(model))
-    difference = onnx_difference(network, tasks, shape, out)
-    if difference is not None and difference > TOLERANCE:
-        out.unlink()
-        raise KdmtlError(
-            f"the ONNX model's outputs differ from PyTorch's by {difference:.2e} of their "
-            f"magnitude (tolerance {TOLERANCE:.0e}): nothing written; please report it"
-        )
+    differences = []
+
+    def write_checked(partial: Path) -> None:
+        export_onnx(network, tasks, shape, partial, sha256_file(model))
+        differences.append(onnx_difference(network, tasks, shape, partial))
+        if differences[0] is not None and differences[0] > TOLERANCE:
+            raise KdmtlError(
+                f"the ONNX model's outputs differ from PyTorch's by {differences[0]:.2e} of "
+                f"their magnitude (tolerance {TOLERANCE:.0e}): {out} is left as it was; "
+                "please report it"
+            )
+
+    write_atomically(out, write_checked)  # in place only once checked
+    difference = differences[0]
     checked = (
         "not checked: install onnxruntime to compare it with PyTorch"
         if difference is None

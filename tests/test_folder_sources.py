@@ -44,7 +44,10 @@ def folder_params(project: Path, source: str, root: Path, **data) -> None:
     tasks = ["semseg", "depth", "normal"] if source == "nyuv2" else ["semseg", "depth"]
     config = {"source": source, "root": str(root), "num_train": None, "num_test": None}
     config |= {"height": 12, "width": 16, "chunk_size": 2} | data
-    write_params(project, {"tasks": tasks, "data": config, "model": {"filters": [4, 8]}})
+    teacher = {"trained": tasks}
+    write_params(
+        project, {"tasks": tasks, "teacher": teacher, "data": config, "model": {"filters": [4, 8]}}
+    )
 
 
 @pytest.mark.parametrize("source", ["nyuv2", "cityscapes"])

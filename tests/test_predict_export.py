@@ -12,6 +12,7 @@ from conftest import kdmtl, refused
 from PIL import Image
 
 from pipeline.checkpoints import load_student
+from pipeline.export import TOLERANCE
 from pipeline.files import sha256_file
 
 
@@ -91,7 +92,7 @@ def test_predict_refuses_what_it_would_overwrite_or_cannot_read(outputs: Path):
     assert not (outputs / "x").exists()
 
 
-def test_export_gives_an_onnx_model_with_the_students_outputs(outputs: Path):
+def test_export_gives_an_onnx_model_with_the_students_outputs(outputs: Path, monkeypatch):
     result = kdmtl("export", "--out", "student.onnx")
     assert result.exit_code == 0, result.output
     assert "ONNX Runtime agrees with PyTorch" in result.output
@@ -110,6 +111,14 @@ def test_export_gives_an_onnx_model_with_the_students_outputs(outputs: Path):
         reference = expected[task].numpy()
         assert values.shape == reference.shape
         np.testing.assert_allclose(values, reference, atol=1e-4 * np.abs(reference).max())
+
+    # An export that disagrees with PyTorch (here: any difference at all) is not written.
+    before = Path("student.onnx").read_bytes()
+    monkeypatch.setattr("stages.export.TOLERANCE", -1.0)
+    refused(("export", "--out", "student.onnx"), "student.onnx is left as it was")
+    assert Path("student.onnx").read_bytes() == before
+    assert sorted(p.name for p in outputs.glob("student.onnx*")) == ["student.onnx"]
+    monkeypatch.setattr("stages.export.TOLERANCE", TOLERANCE)
 
     # It replaces its own export, and nothing else.
     assert kdmtl("export", "--out", "student.onnx").exit_code == 0
