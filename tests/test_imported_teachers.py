@@ -15,6 +15,7 @@ from conftest import REPO, TINY_PARAMS, kdmtl, refused, write_params
 from own_data import TEACHER_CODE, build_teacher, write_image_folder, write_teacher
 from safetensors.torch import save_file
 
+from pipeline.checkpoints import load_student
 from pipeline.errors import KdmtlError
 from pipeline.store.features import FeatureStore
 from pipeline.store.prepared import open_prepared
@@ -128,6 +129,17 @@ def test_new_weights_make_the_store_stale_and_extraction_replaces_it(copy: Path)
     refused(("evaluate",), "was distilled from another depth teacher than")
     run_all(("extract-features", "--teacher", "depth"))
     assert kdmtl("verify", "features/depth.zarr").exit_code == 0
+
+
+def test_online_distillation_runs_the_imported_teacher(copy: Path):
+    values = yaml.safe_load((copy / "params.yaml").read_text())
+    values["student"]["kd_source"] = "online"
+    write_params(copy, values)
+    run_all(("train-student",))
+    _, metadata = load_student(copy / "models/student.pt")
+    store = FeatureStore.open(copy / "features/depth.zarr")
+    assert metadata.distilled_from["depth"] == store.manifest.teacher_fingerprint
+    assert "dist_depth.decoder" in (copy / "metrics/student/metrics.json").read_text()
 
 
 def test_an_imported_teacher_is_not_trained(copy: Path):
