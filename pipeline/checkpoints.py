@@ -199,6 +199,8 @@ def load_trained_network(path: Path) -> tuple[Architecture, TeacherMetadata | St
     """A student or a teacher checkpoint, whichever `path` holds, in eval mode."""
     path = Path(path)
     remedy = "give a student or teacher checkpoint that kdmtl wrote"
+    if path.is_dir():
+        raise KdmtlError(f"{path} is a folder, not a checkpoint: {remedy}")
     _, raw = read_state(path, remedy)
     kinds = {m.model_fields["kind"].default: m for m in (StudentMetadata, TeacherMetadata)}
     if raw["kind"] not in kinds:

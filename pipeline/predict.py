@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.data.images import IMAGE_SUFFIXES, opened_image
+from pipeline.data.images import IMAGE_SUFFIXES, check_input_image, opened_image
 from pipeline.errors import KdmtlError
 from pipeline.models import Architecture
 from pipeline.tasks import Task
@@ -30,8 +30,8 @@ from pipeline.visualize import (
 
 def image_files(paths: list[Path]) -> list[Path]:
     """The images named: files, and the image files of folders (not their subfolders), in
-    order, each checked from its header. Two images with the same name would write the same
-    outputs, and are refused."""
+    order, each checked from its header (8-bit PNG or JPEG, as the folder source's). Two images
+    with the same name would write the same outputs, and are refused."""
     found: list[Path] = []
     for path in paths:
         if path.is_dir():
@@ -53,14 +53,8 @@ def image_files(paths: list[Path]) -> list[Path]:
                 "overwrite each other: predict them into two folders"
             )
         seen[path.stem] = path
-        _check_header(path)
+        check_input_image(path)
     return found
-
-
-def _check_header(path: Path) -> None:
-    """Refuse, before anything is written, a file that is not an image."""
-    with opened_image(path, "give PNG or JPEG images"):
-        pass
 
 
 def read_image(path: Path) -> torch.Tensor:

@@ -17,7 +17,7 @@ from pipeline.data import SOURCES
 from pipeline.distributed import Replicas, process_device, process_group
 from pipeline.errors import KdmtlError
 from pipeline.files import sha256_file, write_atomically
-from pipeline.models import ARCHITECTURES, FEATURES
+from pipeline.models import ARCHITECTURES, FEATURES, Architecture
 from pipeline.store.encodings import ENCODINGS
 from pipeline.store.prepared import PreparedStore
 from pipeline.tasks import TASKS, make_tasks
@@ -31,7 +31,7 @@ from pipeline.teachers import (
 from pipeline.training import resolve_device
 from pipeline.weighting import WEIGHTINGS
 from schemas.checkpoint import CheckpointMetadata
-from schemas.params import Params
+from schemas.params import DEVICE_PATTERN, Params
 
 
 class UserError(click.ClickException):
@@ -135,25 +135,44 @@ def current_fingerprint(params: Params, task: str) -> str | None:
     return imported_fingerprint(imported_record(spec, f"teacher.imported.{task}"))
 
 
-def parse_size(value: str) -> tuple[int, int]:
-    """`HxW` from an option, e.g. 288x384."""
+def parse_device(value: str) -> torch.device:
+    """A `--device` option: auto, cpu, cuda or cuda:N."""
+    if not DEVICE_PATTERN.fullmatch(value):
+        raise click.BadParameter(
+            f"{value!r} is not a device; allowed: auto, cpu, cuda, cuda:N", param_hint="'--device'"
+        )
     try:
-        height, width = (int(side) for side in value.lower().split("x"))
-    except ValueError:
-        height = width = 0
-    if min(height, width) < 1:
-        raise click.BadParameter(f"{value!r} is not HxW, e.g. 288x384", param_hint="'--size'")
-    return height, width
+        return resolve_device(value)
+    except KdmtlError as error:
+        raise click.BadParameter(str(error), param_hint="'--device'") from None
 
 
-def trained_size(path: Path, metadata: CheckpointMetadata) -> tuple[int, int]:
-    """The [height, width] a checkpoint's network was trained on."""
-    if metadata.image_size is None:
+def network_input_size(
+    network: Architecture, size: str | None, path: Path, metadata: CheckpointMetadata
+) -> tuple[int, int]:
+    """The image size a trained network is run at: `--size HxW`, else the size it was trained on
+    (recorded in its checkpoint), at least 2 pixels per level of its encoder."""
+    if size is not None:
+        try:
+            height, width = (int(side) for side in size.lower().split("x"))
+        except ValueError:
+            height = width = 0
+        if min(height, width) < 1:
+            raise click.BadParameter(f"{size!r} is not HxW, e.g. 288x384", param_hint="'--size'")
+    elif metadata.image_size is None:
         raise KdmtlError(
             f"{path} was made before kdmtl recorded the image size: pass --size HxW, the "
             "data.height and data.width it was trained with"
         )
-    height, width = metadata.image_size
+    else:
+        height, width = metadata.image_size
+    smallest = 2 ** len(network.filters)
+    if min(height, width) < smallest:
+        raise click.BadParameter(
+            f"{height}x{width} is too small for {path}: its {len(network.filters)} levels each "
+            f"halve the image, so each side must be at least {smallest}",
+            param_hint="'--size'",
+        )
     return height, width
 
 

@@ -8,7 +8,7 @@ from pipeline.checkpoints import load_trained_network
 from pipeline.errors import KdmtlError
 from pipeline.export import TOLERANCE, export_onnx, made_by_kdmtl, onnx_difference
 from pipeline.files import sha256_file, write_atomically
-from stages.common import parse_size, trained_size, user_errors
+from stages.common import network_input_size, user_errors
 
 
 def check_replaceable(path: Path) -> None:
@@ -55,7 +55,7 @@ def command(out: Path, model: Path, export_format: str, size: str | None) -> Non
         raise click.BadParameter(f"{out} does not end in .onnx", param_hint="'--out'")
     check_replaceable(out)
     network, metadata = load_trained_network(model)
-    shape = parse_size(size) if size else trained_size(model, metadata)
+    shape = network_input_size(network, size, model, metadata)
     tasks = list(network.heads)
     differences = []
 

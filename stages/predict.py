@@ -4,6 +4,7 @@ from pathlib import Path
 
 import click
 import numpy as np
+import torch
 
 from pipeline.checkpoints import load_trained_network
 from pipeline.errors import KdmtlError
@@ -11,8 +12,7 @@ from pipeline.files import write_atomically
 from pipeline.predict import image_files, picture, predict
 from pipeline.progress import progress_bar
 from pipeline.tasks import make_tasks
-from pipeline.training import resolve_device
-from stages.common import parse_size, trained_size, user_errors
+from stages.common import network_input_size, parse_device, user_errors
 
 
 def save_array(path: Path, value: np.ndarray) -> None:
@@ -27,6 +27,9 @@ def check_output_folder(folder: Path, tasks: list[str]) -> None:
     if not folder.exists():
         return
     ours = tuple(f".{task}{suffix}" for task in tasks for suffix in (".npy", ".png"))
+    for leftover in folder.glob("*.partial"):  # of a killed run: never moved into place
+        if leftover.name.removesuffix(".partial").endswith(ours):
+            leftover.unlink()
     foreign = sorted(p.name for p in folder.iterdir() if not p.name.endswith(ours))
     if foreign:
         raise KdmtlError(
@@ -65,7 +68,11 @@ def check_output_folder(folder: Path, tasks: list[str]) -> None:
     help="Images per forward pass.",
 )
 @click.option(
-    "--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda:N."
+    "--device",
+    default="auto",
+    show_default=True,
+    callback=lambda _ctx, _param, value: parse_device(value),
+    help="auto (CUDA when present), cpu, cuda or cuda:N.",
 )
 @user_errors
 def command(
@@ -74,7 +81,7 @@ def command(
     model: Path,
     size: str | None,
     batch_size: int,
-    device: str,
+    device: torch.device,
 ) -> None:
     """Predict every task of a trained network on IMAGES (PNG or JPEG files, or folders of
     them), of any size: each is resized to the trained size, and each prediction back to the
@@ -82,15 +89,13 @@ def command(
     depth: metres, float32 [H, W]; normal: unit vectors, float32 [3, H, W]) and NAME.TASK.png
     (classes with a legend, depth with a colour bar, normals as RGB)."""
     network, metadata = load_trained_network(model)
-    shape = parse_size(size) if size else trained_size(model, metadata)
+    shape = network_input_size(network, size, model, metadata)
     tasks = make_tasks(list(network.heads), len(metadata.class_names))
     files = image_files(list(images))
     check_output_folder(out, list(tasks))
     out.mkdir(parents=True, exist_ok=True)
     with progress_bar(total=len(files), desc="predict", unit="image") as bar:
-        for path, predictions in predict(
-            network, tasks, files, shape, resolve_device(device), batch_size
-        ):
+        for path, predictions in predict(network, tasks, files, shape, device, batch_size):
             for task, value in predictions.items():
                 stem = out / f"{path.stem}.{task}"
                 write_atomically(

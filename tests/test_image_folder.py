@@ -8,7 +8,9 @@ from conftest import TINY_PARAMS, kdmtl, refused, write_params
 from own_data import CLASSES, write_image_folder
 from PIL import Image
 
-from pipeline.store.prepared import open_prepared
+from pipeline.errors import DataError
+from pipeline.store.prepared import PreparedStore, open_prepared
+from schemas.params import DataParams
 
 FOLDER = {"source": "folder", "root": "own", "height": 12, "width": 16, "chunk_size": 2}
 SAME_SIZE = {"height": 24, "width": 32}  # the first sample's size: nothing is resized
@@ -102,6 +104,10 @@ BAD = {
         ),
         "own/train has targets semseg, depth, normal but own/test has semseg, depth",
     ),
+    "a JPEG target named .png": (
+        lambda r: Image.open(r / "train/semseg/s00.png").save(r / "train/semseg/s00.png", "JPEG"),
+        "own/train/semseg/s00.png is a JPEG image of mode L; expected an 8-bit grey or palette PNG",
+    ),
     "a text file among the images": (
         lambda r: (r / "train/images/notes.txt").write_text("x"),
         "own/train/images/notes.txt is not a .png or .jpg image",
@@ -127,3 +133,17 @@ def test_an_image_too_large_to_decode_safely_is_named(project: Path, monkeypatch
     monkeypatch.setattr("PIL.Image.MAX_IMAGE_PIXELS", 100)
     refused(("prepare",), "own/train/images/s00.png is refused: Image size (768 pixels)")
     assert not (project / "data").exists()
+
+
+def test_a_store_prepared_before_depth_scale_existed_still_matches(project: Path):
+    """Its record has no `depth_scale`: it holds what the default gives."""
+    write_image_folder(project / "own", {"train": 2, "test": 1})
+    folder_params(project)
+    assert kdmtl("prepare").exit_code == 0
+    store = open_prepared(project / "data/prepared.zarr")
+    record = {k: v for k, v in store.manifest.data_params.items() if k != "depth_scale"}
+    older = PreparedStore(store.path, store.manifest.model_copy(update={"data_params": record}))
+    config = DataParams(**FOLDER)
+    older.check_matches(config)
+    with pytest.raises(DataError, match=r"depth_scale 1000.0 \(params: 256.0\)"):
+        older.check_matches(config.model_copy(update={"depth_scale": 256.0}))

@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +18,10 @@ from safetensors.torch import save_file
 
 from pipeline.checkpoints import load_student
 from pipeline.errors import KdmtlError
+from pipeline.store.extract import feature_shapes
 from pipeline.store.features import FeatureStore
 from pipeline.store.prepared import open_prepared
-from pipeline.teachers import imported_fingerprint
+from pipeline.teachers import import_teacher, imported_fingerprint
 from pipeline.teachers.imported import ImportedTeacher
 from schemas.params import ImportedTeacherParams, Params
 from stages.common import validation_context
@@ -302,3 +304,137 @@ def test_a_tap_must_give_one_feature_map(taps: dict, message: str):
     teacher = ImportedTeacher(Shared(), "depth", taps, None, "teacher.imported.depth")
     with pytest.raises(KdmtlError, match=re.escape(message)):
         teacher(torch.zeros(1, 3, 8, 8))
+
+
+HELPER_TEACHER = """
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from blocks import Activation
+
+
+@dataclass
+class Config:
+    width: int = 4
+
+
+class Net(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Conv2d(3, config.width, 1), Activation(), nn.MaxPool2d(2))
+        self.decoder = nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(config.width, 2, 1))
+        self.head = nn.Conv2d(2, 1, 1)
+
+    def forward(self, images):
+        return self.head(self.decoder(self.encoder(images)))
+
+
+def build():
+    return Net(Config())
+"""
+
+
+def write_helper_teacher(folder: Path, activation: str) -> dict:
+    """A teacher in its own folder whose helper module `blocks.py` defines `Activation`."""
+    folder.mkdir(parents=True)
+    (folder / "net.py").write_text(HELPER_TEACHER)
+    (folder / "blocks.py").write_text(f"from torch.nn import {activation} as Activation\n")
+    namespace: dict = {"__name__": "net"}
+    sys.path.insert(0, str(folder))  # `from blocks import ...` as the user's file does
+    sys.modules["net"] = type(sys)("net")  # the dataclass looks its module up
+    try:
+        exec(compile(HELPER_TEACHER, str(folder / "net.py"), "exec"), namespace)
+        save_file(namespace["build"]().state_dict(), folder / "net.safetensors")
+    finally:
+        sys.path.remove(str(folder))
+        sys.modules.pop("blocks", None)
+        sys.modules.pop("net", None)
+    return {
+        "file": str(folder / "net.py"),
+        "factory": "build",
+        "weights": str(folder / "net.safetensors"),
+        "taps": {"bottleneck": "encoder", "decoder": "decoder"},
+        "output": "forward",
+    }
+
+
+def test_two_teachers_keep_their_own_helper_modules(tmp_path: Path):
+    """Each teacher imports `blocks` from its own folder; neither may get the other's from
+    Python's module cache (and a file with a dataclass loads as an import would)."""
+    specs = {
+        "depth": write_helper_teacher(tmp_path / "a", "Sigmoid"),
+        "semseg": write_helper_teacher(tmp_path / "b", "Tanh"),
+    }
+    built = {
+        task: import_teacher(
+            task, ImportedTeacherParams(**spec), 1, (8, 8), f"teacher.imported.{task}"
+        )
+        for task, spec in (
+            ("depth", specs["depth"]),
+            ("semseg", specs["semseg"] | {"output": None}),
+        )
+    }
+    assert type(built["depth"].network.module.encoder[1]).__name__ == "Sigmoid"
+    assert type(built["semseg"].network.module.encoder[1]).__name__ == "Tanh"
+    assert "blocks" not in sys.modules
+
+
+@pytest.mark.parametrize(
+    ("code", "message"),
+    [
+        (
+            "def build():\n    return nn.Sequential(nn.Conv2d(1, 2, 1), nn.Conv2d(2, 2, 1))\n",
+            "the module fails on a [1, 3, 8, 8] float32 image in [0, 1], as kdmtl gives it: "
+            "RuntimeError",
+        ),
+        (
+            "import sys\nsys.exit('usage: net.py [--gpu]')\n",
+            "running {file} failed: SystemExit: usage: net.py [--gpu]",
+        ),
+    ],
+)
+def test_a_module_that_fails_is_one_message(tmp_path: Path, code: str, message: str):
+    (tmp_path / "net.py").write_text("from torch import nn\n" + code)
+    save_file(
+        {
+            "0.weight": torch.zeros(2, 1, 1, 1),
+            "0.bias": torch.zeros(2),
+            "1.weight": torch.zeros(2, 2, 1, 1),
+            "1.bias": torch.zeros(2),
+        },
+        tmp_path / "w.safetensors",
+    )
+    spec = ImportedTeacherParams(
+        file=str(tmp_path / "net.py"),
+        factory="build",
+        weights=str(tmp_path / "w.safetensors"),
+        taps={"bottleneck": "0", "decoder": "1"},
+    )
+    with pytest.raises(KdmtlError, match=re.escape(message.format(file=tmp_path / "net.py"))):
+        import_teacher("depth", spec, 1, (8, 8), "teacher.imported.depth")
+
+
+def test_a_parameter_free_teacher_and_in_place_operations_after_a_tap(tmp_path: Path):
+    """The tap's own output is kept, even when ReLU(inplace=True) runs on it afterwards."""
+    (tmp_path / "net.py").write_text(
+        "from torch import nn\n"
+        "def build():\n"
+        "    pool, relu = nn.AvgPool2d(2), nn.ReLU(inplace=True)\n"
+        "    return nn.Sequential(pool, relu, nn.Upsample(scale_factor=2))\n"
+    )
+    save_file({}, tmp_path / "w.safetensors")
+    spec = ImportedTeacherParams(
+        file=str(tmp_path / "net.py"),
+        factory="build",
+        weights=str(tmp_path / "w.safetensors"),
+        taps={"bottleneck": "0", "decoder": "2"},
+    )
+    teacher = import_teacher("depth", spec, 1, (8, 8), "teacher.imported.depth")
+    images = torch.rand(2, 3, 8, 8) - 0.5
+    features = teacher.network.distilled_features(images)
+    np.testing.assert_allclose(features["bottleneck"], torch.nn.functional.avg_pool2d(images, 2))
+    assert feature_shapes(teacher.network, 8, 8) == {"bottleneck": (3, 4, 4), "decoder": (3, 8, 8)}

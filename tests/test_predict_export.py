@@ -89,7 +89,18 @@ def test_predict_refuses_what_it_would_overwrite_or_cannot_read(outputs: Path):
     (outputs / "broken.png").write_text("not a picture")
     refused(("predict", "broken.png", "--out", "x"), "broken.png is not an image file")
     refused(("predict", "missing.png", "--out", "x"), "no image or folder at missing.png")
+    refused(("predict", "photos", "--out", "x", "--device", "banana"), "'banana' is not a device")
+    refused(("predict", "photos", "--out", "x", "--size", "2x2"), "each side must be at least 4")
+    Image.fromarray(np.zeros((20, 30), np.uint16)).save(outputs / "sixteen.png")
+    refused(("predict", "sixteen.png", "--out", "x"), "expected an 8-bit RGB or grey PNG or JPEG")
     assert not (outputs / "x").exists()
+
+    # A killed run's partial file is predict's own: the next run removes it.
+    (outputs / "mine/notes.txt").unlink()
+    (outputs / "mine/photo0.depth.png.partial").write_bytes(b"half")
+    assert kdmtl("predict", "photos", "--out", "mine").exit_code == 0
+    assert not (outputs / "mine/photo0.depth.png.partial").exists()
+    assert (outputs / "mine/photo0.depth.png").is_file()
 
 
 def test_export_gives_an_onnx_model_with_the_students_outputs(outputs: Path, monkeypatch):
@@ -131,7 +142,8 @@ def test_export_gives_an_onnx_model_with_the_students_outputs(outputs: Path, mon
     ("args", "message"),
     [
         (("--out", "model.pt"), "model.pt does not end in .onnx"),
-        (("--out", "m.onnx", "--model", "features"), "cannot use features: it is a folder"),
+        (("--out", "m.onnx", "--model", "features"), "features is a folder, not a checkpoint"),
+        (("--out", "m.onnx", "--size", "3x40"), "3x40 is too small for models/student.pt"),
         (("--out", "m.onnx", "--size", "12"), "'12' is not HxW"),
     ],
 )

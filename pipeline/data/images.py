@@ -32,7 +32,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 IGNORE_LABEL = 255  # semseg pixels of this value are left out of the loss and the metrics
 MAX_SIDE = 16384  # as for .npy files: bounds what one file may claim before it is decoded
 # PIL modes each file may have; anything else is named in the error.
-IMAGE_MODES = ("RGB", "RGBA", "L", "LA", "P", "PA")
+IMAGE_MODES = ("RGB", "RGBA", "L", "LA", "P", "PA", "CMYK")
+IMAGE_FORMATS = ("PNG", "JPEG", "MPO")  # MPO: the JPEG of some cameras
 MODES = {
     "semseg": ("L", "P"),
     "depth": ("I;16", "I;16B", "I;16L", "I"),
@@ -58,6 +59,25 @@ def opened_image(path: Path, remedy: str) -> Iterator[Image.Image]:
             raise DataError(f"{path} is not an image file PIL can read") from None
         except Image.DecompressionBombError as error:
             raise DataError(f"{path} is refused: {error}") from None
+
+
+def check_image_header(
+    path: Path, modes: tuple[str, ...], formats: tuple[str, ...], requirement: str
+) -> tuple[int, int]:
+    """(width, height) from the file's header, refused unless its format is one of `formats`
+    and its mode one of `modes`."""
+    with opened_image(path, "write it again as " + requirement) as image:
+        mode, size, kind = image.mode, image.size, image.format
+    if kind not in formats or mode not in modes:
+        raise DataError(f"{path} is a {kind} image of mode {mode}; expected {requirement}")
+    if not all(1 <= side <= MAX_SIDE for side in size):
+        raise DataError(f"{path} is {size[0]}x{size[1]} pixels: sides must be from 1 to {MAX_SIDE}")
+    return size
+
+
+def check_input_image(path: Path) -> tuple[int, int]:
+    """(width, height) of an input image: 8-bit, PNG or JPEG."""
+    return check_image_header(path, IMAGE_MODES, IMAGE_FORMATS, "an 8-bit RGB or grey PNG or JPEG")
 
 
 @SOURCES.register
@@ -137,12 +157,12 @@ class ImageFolderSource(DataSource):
                 )
             stems = stems[:wanted]
         for stem in stems:
-            size = self._check_header(images[stem], IMAGE_MODES, "an 8-bit RGB or grey image")
+            size = check_input_image(images[stem])
             for task in self.tasks:
                 path = self.root / split / task / f"{stem}.png"
                 if not path.is_file():
                     raise DataError(f"missing {path}: the {task} target of {images[stem]}")
-                found = self._check_header(path, MODES[task], REQUIREMENT[task])
+                found = check_image_header(path, MODES[task], ("PNG",), REQUIREMENT[task])
                 if found != size:
                     raise DataError(
                         f"{path} is {found[1]}x{found[0]} pixels but its image {images[stem]} is "
@@ -150,19 +170,6 @@ class ImageFolderSource(DataSource):
                     )
         self._images |= {(split, stem): images[stem] for stem in stems}
         return stems
-
-    @staticmethod
-    def _check_header(path: Path, modes: tuple[str, ...], requirement: str) -> tuple[int, int]:
-        """(width, height) from the header, refused unless its mode is one of `modes`."""
-        with opened_image(path, "write it again as " + requirement) as image:
-            mode, size, kind = image.mode, image.size, image.format
-        if mode not in modes:
-            raise DataError(f"{path} is a {kind} image of mode {mode}; expected {requirement}")
-        if not all(1 <= side <= MAX_SIDE for side in size):
-            raise DataError(
-                f"{path} is {size[0]}x{size[1]} pixels: sides must be from 1 to {MAX_SIDE}"
-            )
-        return size
 
     def _class_names(self) -> tuple[str, ...]:
         listed = self.root / "classes.txt"

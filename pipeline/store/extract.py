@@ -28,7 +28,8 @@ from pipeline.store.prepared import PreparedSplit, PreparedStore
 def feature_shapes(teacher: nn.Module, height: int, width: int) -> dict[str, tuple[int, ...]]:
     """(C, h, w) of each feature tap for images of the given size."""
     with torch.inference_mode():
-        device = next(teacher.parameters()).device
+        tensors = [*teacher.parameters(), *teacher.buffers()]  # none in a parameter-free one
+        device = tensors[0].device if tensors else torch.device("cpu")
         features = teacher.eval().distilled_features(
             torch.zeros(1, 3, height, width, device=device)
         )

@@ -214,10 +214,13 @@ class PreparedStore:
     def check_matches(self, data: DataParams) -> None:
         """Refuse a store prepared with other data params than the current ones."""
         held, wanted = self.manifest.data_params, content_params(data)
+        # A key added to the params after a store was made is absent from its record, and the
+        # store holds what the key's default gives.
+        defaults = content_params(DataParams())
         differ = [
-            f"{key} {held.get(key)!r} (params: {value!r})"
+            f"{key} {held.get(key, defaults[key])!r} (params: {value!r})"
             for key, value in wanted.items()
-            if held.get(key) != value
+            if held.get(key, defaults[key]) != value
         ]
         if differ:
             raise DataError(

@@ -8,6 +8,7 @@ class scores for semseg, depth in metres, a normal vector per pixel; one of anot
 resized bilinearly to the image's.
 """
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -15,7 +16,7 @@ import pickle
 import sys
 import traceback
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -59,22 +60,39 @@ def imported_fingerprint(record: ImportedTeacherRecord) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
+@contextlib.contextmanager
+def own_imports(folder: Path) -> Iterator[None]:
+    """Run code that imports from `folder`, then forget the modules it loaded from there: two
+    teachers may each have a helper module of the same name (`blocks.py`), and neither may get
+    the other's from Python's module cache."""
+    folder = folder.resolve()
+    before = set(sys.modules)
+    sys.path.insert(0, str(folder))
+    try:
+        yield
+    finally:
+        sys.path.remove(str(folder))
+        for name in set(sys.modules) - before:
+            origin = getattr(sys.modules[name], "__file__", None)
+            if origin is not None and Path(origin).resolve().is_relative_to(folder):
+                del sys.modules[name]
+
+
 def load_factory(path: Path, name: str, key: str) -> Callable[..., object]:
-    """The function `name` of the Python file at `path`, whose folder it may import from."""
+    """The function `name` of the Python file at `path`, run as a module (under `own_imports`
+    of its folder, which the caller holds while the factory runs)."""
     module_name = "kdmtl_teacher_" + hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
     spec = importlib.util.spec_from_file_location(module_name, path)
     if spec is None or spec.loader is None:
         raise DataError(f"{key}.file: {path} is not a Python file")
     module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(path.parent.resolve()))
+    sys.modules[module_name] = module  # as an import does: dataclasses and the like look it up
     try:
         spec.loader.exec_module(module)
     except SyntaxError as error:
         raise DataError(f"{path}, line {error.lineno}: {error.msg}") from None
-    except Exception as error:
+    except (Exception, SystemExit) as error:
         raise DataError(f"running {path} failed: {_user_code_error(error, path)}") from None
-    finally:
-        sys.path.remove(str(path.parent.resolve()))
     factory = getattr(module, name, None)
     if not callable(factory):
         functions = sorted(n for n, v in vars(module).items() if callable(v) and n[0] != "_")
@@ -85,7 +103,7 @@ def load_factory(path: Path, name: str, key: str) -> Callable[..., object]:
     return factory
 
 
-def _user_code_error(error: Exception, path: Path) -> str:
+def _user_code_error(error: BaseException, path: Path) -> str:
     """`Type: message (FILE, line N)`, N the last line of the user's file in the traceback."""
     frames = [
         frame
@@ -109,7 +127,7 @@ def read_weights(path: Path, key: str) -> dict[str, torch.Tensor]:
             except SafetensorError as error:
                 raise DataError(f"cannot read {path}: {error}; {remedy}") from None
         if not zipfile.is_zipfile(path):
-            problem = PICKLED if is_pickle(path) else "neither safetensors nor a torch.save file"
+            problem = PICKLED if is_pickle(path) else "is neither safetensors nor a torch.save file"
             raise DataError(f"cannot use {path}: it {problem}; {remedy}")
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -165,7 +183,9 @@ class ImportedTeacher(nn.Module):
                     f"{self.key}: submodule {name!r} runs twice in one forward pass, so its "
                     "output is not one feature map: choose another"
                 )
-            self._captured[role] = output
+            # A copy: an in-place operation after the submodule (ReLU(inplace=True)) would
+            # otherwise change the captured values.
+            self._captured[role] = output.clone() if isinstance(output, torch.Tensor) else output
 
         return hook
 
@@ -222,12 +242,14 @@ def import_teacher(
     taps, and check with one blank image that the taps give feature maps and the prediction has
     the task's `channels`. `key` is the params key (`teacher.imported.TASK`), named in errors."""
     record = imported_record(spec, key)
-    factory = load_factory(Path(spec.file), spec.factory, key)
+    code = Path(spec.file)
     call = f"{spec.factory}(**{key}.kwargs)"
-    try:
-        module = factory(**spec.kwargs)
-    except Exception as error:
-        raise DataError(f"{call} failed: {_user_code_error(error, Path(spec.file))}") from None
+    with own_imports(code.parent):
+        factory = load_factory(code, spec.factory, key)
+        try:
+            module = factory(**spec.kwargs)
+        except (Exception, SystemExit) as error:
+            raise DataError(f"{call} failed: {_user_code_error(error, code)}") from None
     if not isinstance(module, nn.Module):
         raise DataError(f"{call} returned a {type(module).__name__}, not a torch.nn.Module")
     weights = Path(spec.weights)
@@ -237,8 +259,17 @@ def import_teacher(
         raise DataError(f"{weights} does not fit the module that {call} builds: {mismatch}")
     module.load_state_dict(state)
     network = ImportedTeacher(module, task, spec.taps, spec.output, key).eval()
-    with torch.inference_mode():
-        output = network(torch.zeros(1, 3, *image_size))
+    blank = torch.zeros(1, 3, *image_size)
+    try:
+        with torch.inference_mode():
+            output = network(blank)
+    except KdmtlError:
+        raise
+    except Exception as error:
+        raise DataError(
+            f"{key}: the module fails on a [1, 3, {image_size[0]}, {image_size[1]}] float32 "
+            f"image in [0, 1], as kdmtl gives it: {_user_code_error(error, code)}"
+        ) from None
     network.tap_channels = {name: value.shape[1] for name, value in output.features.items()}
     if spec.output is not None:
         found = output.predictions[task].shape[1]
