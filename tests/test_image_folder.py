@@ -53,6 +53,9 @@ def test_tasks_are_the_folders_present_and_classes_default_to_numbers(project: P
     write_image_folder(project / "own", {"train": 2, "test": 1}, tasks=("semseg", "depth"))
     (project / "own/classes.txt").unlink()
     folder_params(project)
+    refused(("prepare",), "tasks: own has no normal targets (it has semseg, depth): add them")
+    two = {"tasks": ["semseg", "depth"], "teacher": {"trained": ["semseg", "depth"]}}
+    write_params(project, TINY_PARAMS | two | {"data": FOLDER})
     assert kdmtl("prepare").exit_code == 0
     manifest = open_prepared(project / "data/prepared.zarr").manifest
     assert manifest.tasks == ["semseg", "depth"]
