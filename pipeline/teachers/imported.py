@@ -73,6 +73,8 @@ def own_imports(folder: Path) -> Iterator[None]:
     finally:
         sys.path.remove(str(folder))
         for name in set(sys.modules) - before:
+            if name.partition(".")[0] in before:
+                continue  # a new submodule of a package loaded before (kdmtl's own): kept
             origin = getattr(sys.modules[name], "__file__", None)
             if origin is not None and Path(origin).resolve().is_relative_to(folder):
                 del sys.modules[name]
