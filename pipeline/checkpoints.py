@@ -31,7 +31,9 @@ REMEDIES: dict[type[CheckpointMetadata], str] = {
 PICKLED = "holds pickled Python objects; kdmtl loads weights only"
 
 
-def default_remedy(path: Path, metadata_type: type[CheckpointMetadata]) -> str:
+def default_remedy(
+    path: Path, metadata_type: type[CheckpointMetadata] | tuple[type[CheckpointMetadata], ...]
+) -> str:
     return REMEDIES.get(metadata_type, "make it again with kdmtl").format(stem=path.stem)
 
 
@@ -118,16 +120,20 @@ def read_state(path: Path, remedy: str) -> tuple[dict, dict]:
 
 
 def load_checkpoint(
-    path: Path, metadata_type: type[M], remedy: str | None = None
+    path: Path, metadata_type: type[M] | tuple[type[M], ...], remedy: str | None = None
 ) -> tuple[dict[str, torch.Tensor], M]:
-    """Weights and validated metadata; never unpickles code. A problem is a DataError naming the
-    file and `remedy` (by default: make it again)."""
+    """Weights and validated metadata, of the kind of `metadata_type` (or of one of several);
+    never unpickles code. A problem is a DataError naming the file and `remedy` (by default:
+    make it again)."""
     path = Path(path)
+    types = metadata_type if isinstance(metadata_type, tuple) else (metadata_type,)
     remedy = remedy or default_remedy(path, metadata_type)
     state_dict, raw = read_state(path, remedy)
-    wanted = metadata_type.model_fields["kind"].default
-    if raw["kind"] != wanted:
+    kinds = {t.model_fields["kind"].default: t for t in types}
+    if raw["kind"] not in kinds:
+        wanted = " or ".join(kinds)
         raise unusable(path, f"it is a {raw['kind']} checkpoint, not a {wanted} one", remedy)
+    metadata_type = kinds[raw["kind"]]
     try:
         return state_dict, metadata_type.model_validate(raw)
     except ValidationError as error:
@@ -161,7 +167,7 @@ def first_mismatch(found: dict, expected: dict[str, torch.Tensor]) -> str | None
 
 
 def load_network(
-    path: Path, metadata_type: type[M], remedy: str | None = None
+    path: Path, metadata_type: type[M] | tuple[type[M], ...], remedy: str | None = None
 ) -> tuple[Architecture, M]:
     """A network in eval mode, and its metadata (which holds its `model` spec).
 
@@ -201,8 +207,4 @@ def load_trained_network(path: Path) -> tuple[Architecture, TeacherMetadata | St
     remedy = "give a student or teacher checkpoint that kdmtl wrote"
     if path.is_dir():
         raise KdmtlError(f"{path} is a folder, not a checkpoint: {remedy}")
-    _, raw = read_state(path, remedy)
-    kinds = {m.model_fields["kind"].default: m for m in (StudentMetadata, TeacherMetadata)}
-    if raw["kind"] not in kinds:
-        raise unusable(path, f"it is a {raw['kind']} checkpoint", remedy)
-    return load_network(path, kinds[raw["kind"]])
+    return load_network(path, (StudentMetadata, TeacherMetadata), remedy)

@@ -5,6 +5,7 @@ from typing import Any, Literal
 from pydantic import AliasChoices, Field
 
 from schemas.base import Contract, FileRecord
+from schemas.params import ImportedTeacherParams
 
 
 class FeatureArrayInfo(Contract):
@@ -27,16 +28,10 @@ class ViewSpec(Contract):
     seed: int
 
 
-class ImportedTeacherRecord(Contract):
+class ImportedTeacherRecord(ImportedTeacherParams):
     """What an imported teacher was built from (params `teacher.imported.TASK`), with the sha256
     of its factory's file and of its weights."""
 
-    file: str
-    factory: str
-    kwargs: dict[str, Any]
-    weights: str
-    taps: dict[str, str]
-    output: str | None
     file_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     weights_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 

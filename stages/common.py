@@ -111,12 +111,16 @@ def choose_task(task: str, params: Params) -> None:
         )
 
 
+def trained_checkpoint(params: Params, task: str) -> Path:
+    return Path(params.paths.teachers) / f"{task}.pt"
+
+
 def current_teacher(params: Params, task: str, prepared: PreparedStore) -> Teacher:
     """The task's teacher as the params name it: imported (`teacher.imported.TASK`), or the
     checkpoint kdmtl trained on the current prepared data (`paths.teachers/TASK.pt`)."""
     spec = params.teacher.imported.get(task)
     if spec is None:
-        path = Path(params.paths.teachers) / f"{task}.pt"
+        path = trained_checkpoint(params, task)
         return trained_teacher(path, task, prepared.manifest.fingerprint, "paths.teachers")
     channels = make_tasks([task], prepared.manifest.num_classes)[task].channels
     size = (prepared.manifest.height, prepared.manifest.width)
@@ -128,7 +132,7 @@ def current_fingerprint(params: Params, task: str) -> str | None:
     when a file is missing."""
     spec = params.teacher.imported.get(task)
     if spec is None:
-        path = Path(params.paths.teachers) / f"{task}.pt"
+        path = trained_checkpoint(params, task)
         return sha256_file(path) if path.is_file() else None
     if not (Path(spec.file).is_file() and Path(spec.weights).is_file()):
         return None
@@ -174,6 +178,22 @@ def network_input_size(
             param_hint="'--size'",
         )
     return height, width
+
+
+def model_option(command: Callable) -> Callable:
+    """Adds --model PATH, a trained network's checkpoint (predict, export)."""
+    return click.option(
+        "--model",
+        default="models/student.pt",
+        show_default=True,
+        type=click.Path(path_type=Path),
+        help="A student or teacher checkpoint that kdmtl trained.",
+    )(command)
+
+
+def size_option(help_text: str) -> Callable[[Callable], Callable]:
+    """Adds --size HxW, read by `network_input_size` (predict, export)."""
+    return click.option("--size", default=None, metavar="HxW", help=help_text)
 
 
 def params_option(command: Callable) -> Callable:

@@ -8,7 +8,7 @@ from pipeline.checkpoints import load_trained_network
 from pipeline.errors import KdmtlError
 from pipeline.export import TOLERANCE, export_onnx, made_by_kdmtl, onnx_difference
 from pipeline.files import sha256_file, write_atomically
-from stages.common import network_input_size, user_errors
+from stages.common import model_option, network_input_size, size_option, user_errors
 
 
 def check_replaceable(path: Path) -> None:
@@ -24,13 +24,7 @@ def check_replaceable(path: Path) -> None:
 @click.option(
     "--out", required=True, type=click.Path(path_type=Path), help="The ONNX file to write."
 )
-@click.option(
-    "--model",
-    default="models/student.pt",
-    show_default=True,
-    type=click.Path(path_type=Path),
-    help="A student or teacher checkpoint that kdmtl trained.",
-)
+@model_option
 @click.option(
     "--format",
     "export_format",
@@ -39,12 +33,7 @@ def check_replaceable(path: Path) -> None:
     show_default=True,
     help="The model format.",
 )
-@click.option(
-    "--size",
-    default=None,
-    metavar="HxW",
-    help="Input size of the exported model; default: the size it was trained on.",
-)
+@size_option("Input size of the exported model; default: the size it was trained on.")
 @user_errors
 def command(out: Path, model: Path, export_format: str, size: str | None) -> None:
     """Export a trained network for deployment: input `image`, float RGB in [0, 1] of shape

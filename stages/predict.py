@@ -12,7 +12,13 @@ from pipeline.files import write_atomically
 from pipeline.predict import image_files, picture, predict
 from pipeline.progress import progress_bar
 from pipeline.tasks import make_tasks
-from stages.common import network_input_size, parse_device, user_errors
+from stages.common import (
+    model_option,
+    network_input_size,
+    parse_device,
+    size_option,
+    user_errors,
+)
 
 
 def save_array(path: Path, value: np.ndarray) -> None:
@@ -47,19 +53,8 @@ def check_output_folder(folder: Path, tasks: list[str]) -> None:
     type=click.Path(path_type=Path),
     help="Folder for NAME.TASK.npy (the prediction) and NAME.TASK.png (a picture of it).",
 )
-@click.option(
-    "--model",
-    default="models/student.pt",
-    show_default=True,
-    type=click.Path(path_type=Path),
-    help="A student or teacher checkpoint that kdmtl trained.",
-)
-@click.option(
-    "--size",
-    default=None,
-    metavar="HxW",
-    help="Size the network sees, e.g. 288x384; default: the size it was trained on.",
-)
+@model_option
+@size_option("Size the network sees, e.g. 288x384; default: the size it was trained on.")
 @click.option(
     "--batch-size",
     default=16,

@@ -15,6 +15,7 @@ from stages.common import (
     choose_task,
     main_process_log,
     params_option,
+    trained_checkpoint,
     training_processes,
     user_errors,
 )
@@ -34,7 +35,7 @@ def command(task: str, params: Params) -> None:
             f"the {task} teacher is imported (teacher.imported.{task}): kdmtl does not train it; "
             f"run `kdmtl extract-features --teacher {task}` to cache its features"
         )
-    checkpoint = Path(params.paths.teachers) / f"{task}.pt"
+    checkpoint = trained_checkpoint(params, task)
     # Before training, not after: refuse what kdmtl must not replace.
     ensure_replaceable(checkpoint, TeacherMetadata.model_fields["kind"].default)
     store = open_prepared(Path(params.paths.prepared))

@@ -12,7 +12,13 @@ from pipeline.store.prepared import PreparedStore, open_prepared
 from pipeline.training import resolve_device
 from schemas.params import Params
 from schemas.prepared import PreparedManifest
-from stages.common import current_fingerprint, current_teacher, params_option, user_errors
+from stages.common import (
+    current_fingerprint,
+    current_teacher,
+    params_option,
+    trained_checkpoint,
+    user_errors,
+)
 
 
 def verify_prepared(path: Path, report: Verification) -> None:
@@ -28,7 +34,7 @@ def teacher_files(params: Params, task: str) -> str:
     """What a teacher's fingerprint covers, for the report."""
     spec = params.teacher.imported.get(task)
     if spec is None:
-        return f"{Path(params.paths.teachers) / f'{task}.pt'} (sha256)"
+        return f"{trained_checkpoint(params, task)} (sha256)"
     return f"teacher.imported.{task} (sha256 of {spec.file} and {spec.weights}; kwargs, taps)"
 
 
