@@ -12,13 +12,15 @@ import click
 import torch
 import yaml
 from pydantic import BaseModel, ValidationError
+from upath import UPath
 
 from pipeline.data import SOURCES
 from pipeline.distributed import Replicas, process_device, process_group
-from pipeline.errors import KdmtlError
+from pipeline.errors import KdmtlError, first_line
 from pipeline.files import sha256_file, write_atomically
 from pipeline.models import ARCHITECTURES, FEATURES, Architecture
 from pipeline.store.encodings import ENCODINGS
+from pipeline.store.location import remote_errors, store_path, unreachable
 from pipeline.store.prepared import PreparedStore
 from pipeline.tasks import TASKS, make_tasks
 from pipeline.teachers import (
@@ -109,6 +111,16 @@ def choose_task(task: str, params: Params) -> None:
             f"{task!r} is not one of the tasks in the params: {', '.join(params.tasks)}",
             param_hint="'--teacher'",
         )
+
+
+def prepared_path(params: Params) -> UPath:
+    """The prepared store: a local path, or a URL in object storage."""
+    return store_path(params.paths.prepared)
+
+
+def feature_store_path(params: Params, task: str) -> UPath:
+    """The task's feature store, `TASK.zarr` in `paths.features` (a folder or a URL)."""
+    return store_path(params.paths.features) / f"{task}.zarr"
 
 
 def trained_checkpoint(params: Params, task: str) -> Path:
@@ -209,6 +221,53 @@ def params_option(command: Callable) -> Callable:
     )(command)
 
 
+def store_argument(command: Callable) -> Callable:
+    """Adds the STORE argument: a local path, or a URL in object storage (`s3://...`)."""
+    return click.argument("store", callback=lambda _ctx, _param, value: _store(value))(command)
+
+
+def _store(value: str) -> UPath:
+    try:
+        return store_path(value)
+    except KdmtlError as error:  # raised while parsing, before `user_errors` runs
+        raise UserError(str(error)) from None
+
+
+def scheduler_option(command: Callable) -> Callable:
+    """Adds --scheduler ADDRESS: the dask work runs on that dask.distributed cluster."""
+    return click.option(
+        "--scheduler",
+        metavar="ADDRESS",
+        default=None,
+        help="Run the reading on the dask.distributed cluster whose scheduler is at ADDRESS "
+        "(tcp://HOST:PORT). Its workers open the store themselves: give a URL, or a path they "
+        "see at the same place.",
+    )(command)
+
+
+@contextmanager
+def dask_scheduler(address: str | None) -> Iterator[None]:
+    """Within the block, dask computes on the cluster at `address` (None: here, in threads)."""
+    if address is None:
+        yield
+        return
+    try:
+        from distributed import Client
+    except ImportError:
+        raise KdmtlError(
+            "--scheduler needs dask.distributed: pip install 'kdmtl[cluster]'"
+        ) from None
+    try:
+        client = Client(address, timeout="10s")
+    except (OSError, TimeoutError, ValueError) as error:
+        raise KdmtlError(
+            f"cannot reach a dask scheduler at {address} ({first_line(error)}): start one "
+            "(`dask scheduler`, with `dask worker ADDRESS` on each machine) or give its address"
+        ) from None
+    with client:
+        yield
+
+
 def _without_worker_traceback(message: str) -> str:
     """A DataLoader worker's error comes back with the worker's traceback in its message: keep
     the original message, its last line."""
@@ -227,6 +286,8 @@ def user_errors(command: Callable) -> Callable:
             return command(*args, **kwargs)
         except KdmtlError as error:
             raise UserError(_without_worker_traceback(str(error))) from None
+        except remote_errors() as error:  # the store was reached before, at store_path
+            raise UserError(str(unreachable(error))) from None
         except OSError as error:
             if error.errno == errno.ENOSPC:
                 raise click.ClickException(

@@ -13,7 +13,13 @@ from pipeline.store.stream import ChunkStream
 from pipeline.tasks import make_tasks
 from pipeline.training import resolve_device
 from schemas.params import Params
-from stages.common import current_teacher, params_option, user_errors, write_json
+from stages.common import (
+    current_teacher,
+    params_option,
+    prepared_path,
+    user_errors,
+    write_json,
+)
 
 GRID_IMAGES = 4
 
@@ -25,7 +31,7 @@ def command(params: Params) -> None:
     """Evaluate the student and every teacher on the test split: METRICS/eval.json (Delta_MTL and
     each task's main metric and delta), METRICS/details/eval.json (every metric), and a picture of
     predictions, PLOTS/eval/predictions.png."""
-    prepared = open_prepared(Path(params.paths.prepared))
+    prepared = open_prepared(prepared_path(params))
     student_path = Path(params.paths.student)
     if not student_path.is_file():
         raise KdmtlError(f"no student at {student_path}: run `kdmtl train-student` first")

@@ -1,7 +1,6 @@
 """`kdmtl extract-features --teacher TASK` (DVC stage `extract_features@TASK`)."""
 
 import os
-from pathlib import Path
 
 import click
 
@@ -12,7 +11,14 @@ from pipeline.store.features import assign_shards, open_or_create, plan_manifest
 from pipeline.store.prepared import open_prepared
 from pipeline.training import resolve_device
 from schemas.params import Params
-from stages.common import choose_task, current_teacher, params_option, user_errors
+from stages.common import (
+    choose_task,
+    current_teacher,
+    feature_store_path,
+    params_option,
+    prepared_path,
+    user_errors,
+)
 
 
 def parse_shard_of(value: str | None) -> tuple[int, int]:
@@ -50,7 +56,7 @@ def command(task: str, shard_of: str | None, params: Params) -> None:
     Resumes a killed run from its completed shards."""
     choose_task(task, params)
     part, parts = parse_shard_of(shard_of)
-    prepared = open_prepared(Path(params.paths.prepared))
+    prepared = open_prepared(prepared_path(params))
     prepared.check_matches(params.data)
     teacher = current_teacher(params, task, prepared)
     device = process_device(resolve_device(params.device))
@@ -65,7 +71,7 @@ def command(task: str, shard_of: str | None, params: Params) -> None:
         resolve_precision(params.features.precision, device),
         teacher.imported,
     )
-    path = Path(params.paths.features) / f"{task}.zarr"
+    path = feature_store_path(params, task)
     inputs = {"paths.prepared": prepared.path, **teacher.files}
     store = open_or_create(path, manifest, params.features, parts == 1, inputs)
     shards = assign_shards(manifest.num_shards, part, parts)

@@ -1,13 +1,13 @@
 """`kdmtl inspect STORE`: what a feature store holds, computed out of core with dask."""
 
 import json
-from pathlib import Path
 
 import click
+from upath import UPath
 
 from pipeline.store.checks import summarize
 from pipeline.store.features import FeatureStore
-from stages.common import user_errors
+from stages.common import dask_scheduler, scheduler_option, store_argument, user_errors
 
 
 def format_summary(summary: dict) -> str:
@@ -35,10 +35,13 @@ def format_summary(summary: dict) -> str:
 
 
 @click.command("inspect")
-@click.argument("store", type=click.Path(path_type=Path))
+@store_argument
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of text.")
+@scheduler_option
 @user_errors
-def command(store: Path, as_json: bool) -> None:
-    """Show a feature store's layout, size, compression, value statistics and completion."""
-    summary = summarize(FeatureStore.open(store))
+def command(store: UPath, as_json: bool, scheduler: str | None) -> None:
+    """Show a feature store's layout, size, compression, value statistics and completion. STORE
+    is a path or a URL (s3://bucket/features/depth.zarr)."""
+    with dask_scheduler(scheduler):
+        summary = summarize(FeatureStore.open(store))
     click.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))

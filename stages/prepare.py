@@ -1,14 +1,12 @@
 """`kdmtl prepare`: write the chosen dataset to the prepared Zarr store (DVC stage `prepare`)."""
 
-from pathlib import Path
-
 import click
 
 from pipeline.data.sources import make_source
 from pipeline.errors import KdmtlError
 from pipeline.store.prepared import write_prepared
 from schemas.params import Params
-from stages.common import params_option, user_errors
+from stages.common import params_option, prepared_path, user_errors
 
 
 @click.command("prepare")
@@ -16,7 +14,7 @@ from stages.common import params_option, user_errors
 @user_errors
 def command(params: Params) -> None:
     """Render or import the dataset into data/prepared.zarr (train and test splits)."""
-    path = Path(params.paths.prepared)
+    path = prepared_path(params)
     source = make_source(params.data)
     missing = [task for task in params.tasks if task not in source.tasks]
     if missing:  # a folder's tasks are known once it is read

@@ -15,8 +15,10 @@ from schemas.params import Params
 from stages.common import (
     current_fingerprint,
     current_teacher,
+    feature_store_path,
     main_process_log,
     params_option,
+    prepared_path,
     training_processes,
     user_errors,
 )
@@ -33,12 +35,12 @@ def command(params: Params) -> None:
     student_path = Path(params.paths.student)
     # Before training, not after: refuse what kdmtl must not replace.
     ensure_replaceable(student_path, StudentMetadata.model_fields["kind"].default)
-    prepared = open_prepared(Path(params.paths.prepared))
+    prepared = open_prepared(prepared_path(params))
     prepared.check_matches(params.data)
     config = params.student
     stores, teachers, distilled_from = None, None, {}
     if config.method == "kd" and config.kd_source == "cache":
-        paths = {task: Path(params.paths.features) / f"{task}.zarr" for task in params.tasks}
+        paths = {task: feature_store_path(params, task) for task in params.tasks}
         missing = [task for task, path in paths.items() if not path.exists()]
         if missing:
             commands = ", ".join(f"`kdmtl extract-features --teacher {t}`" for t in missing)

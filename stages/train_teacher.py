@@ -15,6 +15,7 @@ from stages.common import (
     choose_task,
     main_process_log,
     params_option,
+    prepared_path,
     trained_checkpoint,
     training_processes,
     user_errors,
@@ -38,7 +39,7 @@ def command(task: str, params: Params) -> None:
     checkpoint = trained_checkpoint(params, task)
     # Before training, not after: refuse what kdmtl must not replace.
     ensure_replaceable(checkpoint, TeacherMetadata.model_fields["kind"].default)
-    store = open_prepared(Path(params.paths.prepared))
+    store = open_prepared(prepared_path(params))
     store.check_matches(params.data)
     train = params.teacher.for_task(task)
     with (

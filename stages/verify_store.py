@@ -1,8 +1,7 @@
 """`kdmtl verify STORE`: is a feature store (or the prepared data) current, intact and right?"""
 
-from pathlib import Path
-
 import click
+from upath import UPath
 
 from pipeline.errors import KdmtlError
 from pipeline.store.checks import Verification, read_every_chunk, recompute
@@ -15,13 +14,17 @@ from schemas.prepared import PreparedManifest
 from stages.common import (
     current_fingerprint,
     current_teacher,
+    dask_scheduler,
     params_option,
+    prepared_path,
+    scheduler_option,
+    store_argument,
     trained_checkpoint,
     user_errors,
 )
 
 
-def verify_prepared(path: Path, report: Verification) -> None:
+def verify_prepared(path: UPath, report: Verification) -> None:
     manifest = read_manifest(path, PreparedManifest, "prepared dataset", "run `kdmtl prepare`")
     problems = PreparedStore(path, manifest).problems(full=True)
     report.problems += problems
@@ -38,10 +41,10 @@ def teacher_files(params: Params, task: str) -> str:
     return f"teacher.imported.{task} (sha256 of {spec.file} and {spec.weights}; kwargs, taps)"
 
 
-def verify_features(path: Path, checks: int, params: Params, report: Verification) -> None:
+def verify_features(path: UPath, checks: int, params: Params, report: Verification) -> None:
     features = FeatureStore.open(path)
     manifest = features.manifest
-    prepared = open_prepared(Path(params.paths.prepared))
+    prepared = open_prepared(prepared_path(params))
     fingerprint = current_fingerprint(params, manifest.task)
     if fingerprint is None:
         current_teacher(params, manifest.task, prepared)  # raises: names the missing file
@@ -70,24 +73,28 @@ def verify_features(path: Path, checks: int, params: Params, report: Verificatio
 
 
 @click.command("verify")
-@click.argument("store", type=click.Path(path_type=Path))
+@store_argument
 @click.option(
     "--checks", default=4, show_default=True, help="Sample views to recompute with the teacher."
 )
+@scheduler_option
 @params_option
 @user_errors
-def command(store: Path, checks: int, params: Params) -> None:
+def command(store: UPath, checks: int, scheduler: str | None, params: Params) -> None:
     """Check a feature store against the current teacher (trained or imported) and prepared
     data, check every shard file against what was written (sha256), read every chunk
     (checksums), and recompute a few features with the teacher. Given the prepared data, check
-    every chunk file against what was written. Exits 1 on any problem."""
+    every chunk file against what was written. STORE is a path or a URL (s3://...). Exits 1 on
+    any problem."""
     report = Verification()
     kind = store_kind(store)
     if kind == "kdmtl.prepared":
-        verify_prepared(store, report)
+        with dask_scheduler(scheduler):
+            verify_prepared(store, report)
         click.echo(f"{store}: prepared data")
     elif kind == "kdmtl.features":
-        verify_features(store, checks, params, report)
+        with dask_scheduler(scheduler):
+            verify_features(store, checks, params, report)
         manifest = FeatureStore.open(store).manifest
         click.echo(f"{store}: teacher {manifest.task}, {manifest.num_samples} samples")
     elif not store.exists():

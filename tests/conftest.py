@@ -1,14 +1,20 @@
 """Shared fixtures: a tiny project folder with its params, and a runner for the `kdmtl` CLI."""
 
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
+import time
+import urllib.request
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import fsspec
 import pytest
 import yaml
 from click.testing import CliRunner, Result
@@ -130,6 +136,64 @@ def tmpfs(folder: Path, size: str) -> Iterator[Path]:
     finally:
         # Lazily: a file a failed writer left open must not keep the mount busy.
         subprocess.run(["umount", "--lazy", str(folder)], check=True)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory) -> Iterator[str]:
+    """A real S3 API on the loopback address: moto's standalone server, in its own process,
+    stopped at the end of the session."""
+    port = free_port()
+    log = (tmp_path_factory.mktemp("s3") / "server.log").open("w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            assert server.poll() is None, f"the S3 server exited: see {log.name}"
+            try:
+                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            raise AssertionError(f"the S3 server did not answer at {endpoint} in 30 s")
+        yield endpoint
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
+S3_ENVIRONMENT = {
+    "AWS_ACCESS_KEY_ID": "kdmtl-test",
+    "AWS_SECRET_ACCESS_KEY": "kdmtl-test",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    # No profile or configuration of this machine's user may change where requests go.
+    "AWS_CONFIG_FILE": os.devnull,
+    "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+}
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint: str, monkeypatch, request) -> str:
+    """A new, empty bucket on the test S3 server, as `s3://NAME`; the standard AWS environment
+    points at the server, for this process and the ones it starts."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    for key, value in S3_ENVIRONMENT.items():
+        monkeypatch.setenv(key, value)
+    name = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:40]
+    bucket = f"{name}-{uuid.uuid4().hex[:8]}"
+    fsspec.filesystem("s3").mkdir(bucket)
+    return f"s3://{bucket}"
 
 
 OUTPUT_PARAMS = TINY_PARAMS | {"teacher": {"epochs": 1, "batch_size": 4}}

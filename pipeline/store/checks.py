@@ -1,13 +1,14 @@
 """Looking into feature stores: out-of-core statistics with dask, and verification."""
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import dask
 import dask.array as da
 import numpy as np
 import torch
+import zarr
 from torch import nn
+from upath import UPath
 
 from pipeline.errors import reading
 from pipeline.models import FEATURES
@@ -24,8 +25,10 @@ def lazy_feature(store: FeatureStore, name: str) -> da.Array:
     return store.encoding.decode_array(da.from_zarr(array, chunks=array.shards or array.chunks))
 
 
-def bytes_on_disk(folder: Path) -> int:
-    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+def bytes_on_disk(folder: UPath) -> int:
+    """The size of every file below `folder`, from one listing (one request in object storage)."""
+    folder = UPath(folder)
+    return int(folder.fs.du(folder.path))
 
 
 def summarize(store: FeatureStore) -> dict:
@@ -90,28 +93,40 @@ class Verification:
     problems: list[str] = field(default_factory=list)
 
 
+def _read_shard(array: zarr.Array, name: str, start: int, stop: int) -> tuple[bool, str | None]:
+    """Decode samples start..stop-1 of the array (its checksums are verified on read): whether
+    they could be read, and what is wrong with them, if anything."""
+    try:
+        values = array[start:stop]
+    except Exception as error:  # a codec error names the damage; report, go on
+        return False, f"{name} samples {start}-{stop - 1} unreadable: {error}"
+    if name == "sample_id" and not np.array_equal(values, np.arange(start, stop)):
+        return True, f"sample_id of samples {start}-{stop - 1} out of order"
+    return True, None
+
+
 def read_every_chunk(store: FeatureStore, report: Verification) -> set[int]:
-    """Decode every shard of every array (checksums are verified on read); returns the shards
-    that could not be read."""
+    """Decode every shard of every array, as dask tasks (threads here, or the workers of a
+    dask.distributed cluster when a client is active); returns the shards that could not be
+    read."""
     names = [*store.manifest.features, "sample_id", "views"]
-    failures = 0
+    work = [(name, shard) for name in names for shard in range(store.manifest.num_shards)]
+    arrays = {name: store.array(name, "r") for name in names}
+    results = dask.compute(
+        *[
+            dask.delayed(_read_shard)(arrays[name], name, *store.shard_range(shard))
+            for name, shard in work
+        ]
+    )
     damaged = set()
-    for name in names:
-        array = store.array(name)
-        for shard in range(store.manifest.num_shards):
-            start, stop = store.shard_range(shard)
-            try:
-                values = array[start:stop]
-            except Exception as error:  # a codec error names the damage; report, go on
-                failures += 1
-                damaged.add(shard)
-                report.problems.append(f"{name} samples {start}-{stop - 1} unreadable: {error}")
-                continue
-            if name == "sample_id" and not np.array_equal(values, np.arange(start, stop)):
-                report.problems.append(f"sample_id of samples {start}-{stop - 1} out of order")
-    shards = len(names) * store.manifest.num_shards
+    for (_, shard), (readable, problem) in zip(work, results, strict=True):
+        if problem:
+            report.problems.append(problem)
+        if not readable:
+            damaged.add(shard)
+    failures = sum(not readable for readable, _ in results)
     report.checked.append(
-        f"read every chunk of {len(names)} arrays ({shards} shards): "
+        f"read every chunk of {len(names)} arrays ({len(work)} shards): "
         + ("checksums ok" if not failures else f"{failures} shards unreadable")
     )
     return damaged

@@ -23,26 +23,25 @@ file's size when they open a store; `kdmtl verify` checks their digests.
 
 import functools
 import re
-import shutil
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import zarr
+from upath import UPath
 from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.codecs.numcodecs import BitRound
 
 from pipeline import __version__
 from pipeline.augment import SCALES
 from pipeline.errors import DAMAGE, DataError, KdmtlError, reading
-from pipeline.files import remove_leftovers, work_path
+from pipeline.files import move_into_place, remove_leftovers, remove_tree, work_path
 from pipeline.store.encodings import ENCODINGS, FeatureEncoding, encoding_named
 from pipeline.store.integrity import (
     RECORD_WORDS,
     chunk_file,
-    file_problem,
+    file_problems,
     from_words,
     layout_problem,
     metadata_problems,
@@ -51,6 +50,7 @@ from pipeline.store.integrity import (
     refuse_damage,
     to_words,
 )
+from pipeline.store.location import is_local, zarr_location
 from pipeline.store.manifest import check_writable, group_problems, read_manifest, write_manifest
 from pipeline.store.prepared import PreparedStore
 from schemas.base import FileRecord
@@ -166,22 +166,25 @@ def _differences(held: FeatureManifest, wanted: FeatureManifest) -> list[str]:
 class FeatureStore:
     """An opened feature store."""
 
-    path: Path
+    path: UPath
     manifest: FeatureManifest
 
     @classmethod
-    def open(cls, path: Path) -> "FeatureStore":
+    def open(cls, path: UPath) -> "FeatureStore":
+        path = UPath(path)
         # kdmtl names each store after its teacher's task: features/TASK.zarr
-        remedy = f"run `kdmtl extract-features --teacher {Path(path).stem}`"
-        return cls(Path(path), read_manifest(path, FeatureManifest, "feature store", remedy))
+        remedy = f"run `kdmtl extract-features --teacher {path.stem}`"
+        return cls(path, read_manifest(path, FeatureManifest, "feature store", remedy))
 
     @classmethod
-    def create(cls, path: Path, manifest: FeatureManifest, config: FeatureParams) -> "FeatureStore":
+    def create(
+        cls, path: UPath, manifest: FeatureManifest, config: FeatureParams
+    ) -> "FeatureStore":
         """Create the empty store; safe when several processes race to create the same one."""
-        path = Path(path)
+        path = UPath(path)
         building = work_path(path, "creating")
-        shutil.rmtree(building, ignore_errors=True)
-        group = zarr.open_group(building, mode="w", zarr_format=3)
+        remove_tree(building)
+        group = zarr.open_group(zarr_location(building), mode="w", zarr_format=3)
         split = group.create_group(SPLIT)
         filters, compressors = feature_codecs(config)
         for name, info in manifest.features.items():
@@ -223,11 +226,9 @@ class FeatureStore:
         )
         manifest = manifest.model_copy(update={"metadata_files": record_metadata(building)})
         write_manifest(building, manifest)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            building.rename(path)
-        except OSError:  # another process created it first: use theirs
-            shutil.rmtree(building, ignore_errors=True)
+        if is_local(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+        move_into_place(building, path)  # or another process made it first: use theirs
         return cls.open(path)
 
     @staticmethod
@@ -252,7 +253,9 @@ class FeatureStore:
 
     def array(self, name: str, mode: str = "r+") -> zarr.Array:
         with reading(self.path / SPLIT / name / "zarr.json", self.remedy):
-            array = zarr.open_array(self.path / SPLIT / name, mode=mode)
+            array = zarr.open_array(
+                zarr_location(self.path / SPLIT / name), mode=mode, zarr_format=3
+            )
         # The runtime config is not stored with the array: each opening sets it again.
         return array.with_config(WRITE_EVERY_CHUNK)
 
@@ -280,7 +283,7 @@ class FeatureStore:
     def done_shards(self) -> set[int]:
         return {shard for shard, record in self.shard_records().items() if record is not None}
 
-    def shard_files(self) -> dict[str, Callable[[int], Path]]:
+    def shard_files(self) -> dict[str, Callable[[int], UPath]]:
         """Per array, the path of its file of a given shard (each array opened once)."""
         files = {}
         for name in self.shard_arrays(self.manifest):
@@ -292,11 +295,17 @@ class FeatureStore:
         """Per written shard, what differs in its files from their records: presence and size
         (with `full`, the sha256 as well)."""
         files = self.shard_files()
-        found = {}
-        for shard, record in self.shard_records().items():
-            if record is not None:
-                problems = (file_problem(files[n](shard), r, full) for n, r in record.items())
-                found[shard] = [problem for problem in problems if problem]
+        recorded = [
+            (shard, (files[name](shard), record))
+            for shard, records in self.shard_records().items()
+            if records is not None
+            for name, record in records.items()
+        ]
+        found = {shard: [] for shard, _ in recorded}
+        problems = file_problems([file for _, file in recorded], full)
+        for (shard, _), problem in zip(recorded, problems, strict=True):
+            if problem:
+                found[shard].append(problem)
         return found
 
     def mark_done(self, shard: int) -> None:
@@ -440,11 +449,11 @@ class FeatureChunks:
 
 
 def open_or_create(
-    path: Path,
+    path: UPath,
     manifest: FeatureManifest,
     config: FeatureParams,
     may_reset: bool,
-    inputs: dict[str, Path],
+    inputs: dict[str, UPath],
 ) -> FeatureStore:
     """The store to extract into: resumed when it holds the same content, else made anew.
 
@@ -453,7 +462,7 @@ def open_or_create(
     single process); processes that share a store refuse, since one of them could delete shards
     another has written. A single process also removes what killed runs left behind.
     """
-    path = Path(path)
+    path = UPath(path)
     check_writable(path, "kdmtl.features", "paths.features", inputs)
     if may_reset:
         remove_leftovers(path)
@@ -476,7 +485,7 @@ def open_or_create(
             f"{path} holds other features ({'; '.join(differences)}); remove it, or extract "
             "with one process, before extracting with --shard-of"
         )
-    shutil.rmtree(path)
+    remove_tree(path)
     return FeatureStore.create(path, manifest, config)
 
 

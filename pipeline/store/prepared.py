@@ -8,10 +8,8 @@ int16 [N,H,W] with -1 ignored, `depth` float32 [N,1,H,W] with 0 invalid, `normal
 
 import hashlib
 import json
-import shutil
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
 
 import dask.array as da
 import numpy as np
@@ -19,22 +17,30 @@ import torch
 import zarr
 from torch.utils.data import Dataset
 from tqdm import tqdm
+from upath import UPath
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 from pipeline import __version__
 from pipeline.data.sources import ARRAY_LAYOUT, SPLITS, DataSource, array_shape
 from pipeline.errors import DataError, reading
-from pipeline.files import parent_folders, remove_leftovers, replace_directory, work_path
+from pipeline.files import (
+    parent_folders,
+    remove_leftovers,
+    remove_tree,
+    replace_directory,
+    work_path,
+)
 from pipeline.progress import progress_bar
 from pipeline.store.integrity import (
     chunk_file,
-    file_problem,
+    file_problems,
     layout_problem,
     metadata_problems,
     record_file,
     record_metadata,
     refuse_damage,
 )
+from pipeline.store.location import zarr_location
 from pipeline.store.manifest import check_writable, group_problems, read_manifest, write_manifest
 from schemas.params import DataParams
 from schemas.prepared import ArrayInfo, PreparedManifest, SplitInfo
@@ -68,11 +74,11 @@ def _checked(name: str, values: np.ndarray, dtype: np.dtype, shape: tuple) -> np
 
 
 def _write_split(
-    folder: Path, source: DataSource, split: str, chunk_size: int, bar: tqdm
+    folder: UPath, source: DataSource, split: str, chunk_size: int, bar: tqdm
 ) -> tuple[SplitInfo, dict[str, tuple]]:
     """Write one split chunk by chunk into the group at `folder`; returns its description, with
     a record of each chunk file, and each array's content digest."""
-    group = zarr.open_group(folder, mode="w", zarr_format=3)
+    group = zarr.open_group(zarr_location(folder), mode="w", zarr_format=3)
     count = source.num_samples(split)
     height, width = source.config.height, source.config.width
     arrays, hashes = {}, {}
@@ -119,7 +125,7 @@ def _write_split(
 
 
 def write_prepared(
-    source: DataSource, path: Path, chunk_size: int, progress: bool = True
+    source: DataSource, path: UPath, chunk_size: int, progress: bool = True
 ) -> PreparedManifest:
     """Write both splits of `source` to a new store at `path`.
 
@@ -127,14 +133,14 @@ def write_prepared(
     failed run leaves no store that a later step would trust. `path` is refused if it holds
     anything but a prepared store that kdmtl made.
     """
-    path = Path(path)
+    path = UPath(path)
     check_writable(path, "kdmtl.prepared", "paths.prepared")
     remove_leftovers(path)
     partial = work_path(path, "partial")
     with parent_folders(path):
         total = sum(source.num_samples(split) for split in SPLITS)
         try:
-            zarr.open_group(partial, mode="w", zarr_format=3)
+            zarr.open_group(zarr_location(partial), mode="w", zarr_format=3)
             splits, digests = {}, {}
             with progress_bar(enabled=progress, total=total, desc="prepare", unit="sample") as bar:
                 for split in SPLITS:
@@ -160,7 +166,7 @@ def write_prepared(
             write_manifest(partial, manifest)
             replace_directory(partial, path)
         except BaseException:
-            shutil.rmtree(partial, ignore_errors=True)
+            remove_tree(partial)
             raise
     return manifest
 
@@ -169,12 +175,12 @@ def write_prepared(
 class PreparedStore:
     """An opened prepared dataset and its manifest."""
 
-    path: Path
+    path: UPath
     manifest: PreparedManifest
 
     def array(self, split: str, name: str) -> zarr.Array:
         with reading(self.path / split / name / "zarr.json", REMEDY):
-            return zarr.open_array(self.path / split / name, mode="r")
+            return zarr.open_array(zarr_location(self.path / split / name), mode="r", zarr_format=3)
 
     def dask(self, split: str, name: str) -> da.Array:
         """A lazy array, chunked as stored."""
@@ -184,6 +190,7 @@ class PreparedStore:
         """What disagrees with the manifest: the metadata files, each array's shape, dtype and
         chunks, and each chunk file's presence and size (with `full`, its sha256 as well)."""
         found = metadata_problems(self.path, self.manifest.metadata_files)
+        files = []
         for split, split_info in self.manifest.splits.items():
             found += group_problems(self.path / split, REMEDY)
             for name, info in split_info.arrays.items():
@@ -201,11 +208,11 @@ class PreparedStore:
                 if problem:
                     found.append(problem)
                     continue
-                for index, record in enumerate(info.chunk_files):
-                    problem = file_problem(chunk_file(folder, array, index), record, full)
-                    if problem:
-                        found.append(problem)
-        return found
+                files += [
+                    (chunk_file(folder, array, index), record)
+                    for index, record in enumerate(info.chunk_files)
+                ]
+        return found + [problem for problem in file_problems(files, full) if problem]
 
     def check_intact(self) -> None:
         """Refuse a store whose chunk files are not those written (cheap: sizes only)."""
@@ -229,12 +236,11 @@ class PreparedStore:
             )
 
 
-def open_prepared(path: Path) -> PreparedStore:
+def open_prepared(path: UPath) -> PreparedStore:
     """Open a complete and intact prepared store, or explain why it cannot be used."""
     remedy = "run `kdmtl prepare` first"
-    store = PreparedStore(
-        Path(path), read_manifest(path, PreparedManifest, "prepared dataset", remedy)
-    )
+    path = UPath(path)
+    store = PreparedStore(path, read_manifest(path, PreparedManifest, "prepared dataset", remedy))
     store.check_intact()
     return store
 

@@ -1,0 +1,237 @@
+"""Stores in object storage: every command on `s3://` paths, against a real S3 API (moto's server
+on the loopback address, `conftest.s3_endpoint`), configured by the standard AWS environment only;
+and `inspect` and `verify` on a dask.distributed cluster."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from conftest import OUTPUT_PARAMS, kdmtl, killed, refused, write_params
+from distributed import LocalCluster
+
+from pipeline.store.features import FeatureStore
+from pipeline.store.location import store_path
+from pipeline.store.prepared import open_prepared
+
+TASKS = ("semseg", "depth", "normal")
+
+
+def on_s3(bucket: str, prepared: bool = True, **changes: dict) -> dict:
+    """The outputs' params with the feature stores, and with `prepared` the prepared data, in
+    `bucket` (the teachers and the student stay local), and `changes` merged into their
+    sections."""
+    params = {**OUTPUT_PARAMS, "paths": {"features": f"{bucket}/features"}}
+    if prepared:
+        params["paths"]["prepared"] = f"{bucket}/data/prepared.zarr"
+    for section, values in changes.items():
+        params[section] = {**params.get(section, {}), **values}
+    write_params(Path.cwd(), params)
+    return params
+
+
+def objects(url: str) -> list[str]:
+    path = store_path(url)
+    root = path.path.rstrip("/")
+    return sorted(name[len(root) + 1 :] for name in path.fs.find(root))
+
+
+def arrays(url: str, split: str) -> dict[str, np.ndarray]:
+    group = zarr.open_group(url, mode="r")[split]
+    return {name: group[name][:] for name in sorted(group.array_keys())}
+
+
+def state(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+@pytest.fixture
+def cluster(s3_bucket: str) -> str:
+    """A dask.distributed cluster of two worker processes on this machine, started once the
+    AWS environment points at the test server (its workers read the stores themselves)."""
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+    ) as local:
+        yield local.scheduler_address
+
+
+def test_the_pipeline_on_s3_stores_gives_what_it_gives_on_local_ones(
+    outputs: Path, s3_bucket: str, cluster: str
+):
+    on_s3(s3_bucket, paths={"student": "models/student_s3.pt"})
+    assert kdmtl("prepare").exit_code == 0
+    prepared = f"{s3_bucket}/data/prepared.zarr"
+    local = open_prepared(outputs / "data/prepared.zarr")
+    remote = open_prepared(store_path(prepared))
+    assert remote.manifest.fingerprint == local.manifest.fingerprint
+    for split in ("train", "test"):
+        held, expected = arrays(str(remote.path), split), arrays("data/prepared.zarr", split)
+        assert held.keys() == expected.keys()
+        for name in expected:
+            np.testing.assert_array_equal(held[name], expected[name])
+    for task in TASKS:
+        result = kdmtl("extract-features", "--teacher", task)
+        assert result.exit_code == 0, result.output
+        assert f"{s3_bucket}/features/{task}.zarr: wrote 1 shards" in result.output
+        held = arrays(f"{s3_bucket}/features/{task}.zarr", "train")
+        expected = arrays(f"features/{task}.zarr", "train")
+        for name in expected:  # the same bytes, decoded: `written` records the same digests
+            np.testing.assert_array_equal(held[name], expected[name])
+    # The student streams from S3 and is the one trained from the local stores.
+    result = kdmtl("train-student")
+    assert result.exit_code == 0, result.output
+    trained, expected = (
+        state(outputs / "models/student_s3.pt"),
+        state(outputs / "models/student.pt"),
+    )
+    assert trained.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(trained[name], expected[name]), name
+    # inspect and verify read from S3, and find what they find locally; on a dask cluster too.
+    url = f"{s3_bucket}/features/depth.zarr"
+    remote = json.loads(kdmtl("inspect", url, "--json").output)
+    local = json.loads(kdmtl("inspect", "features/depth.zarr", "--json").output)
+    assert remote.pop("path") == url and local.pop("path") == "features/depth.zarr"
+    assert remote == local
+    for store in (url, "features/normal.zarr"):
+        there = kdmtl("inspect", store, "--json", "--scheduler", cluster)
+        assert there.exit_code == 0 and json.loads(there.output) == json.loads(
+            kdmtl("inspect", store, "--json").output
+        )
+    for store, checked in ((url, "recomputed 4 sample views"), (prepared, "20 chunk files")):
+        here = kdmtl("verify", store)
+        there = kdmtl("verify", store, "--scheduler", cluster)
+        assert here.exit_code == there.exit_code == 0 and checked in here.output
+        assert there.output == here.output
+    # Nothing but the stores was written to the bucket: no work folders are left.
+    assert {name.split("/")[0] for name in objects(s3_bucket)} == {"data", "features"}
+    assert {name.split("/")[1] for name in objects(s3_bucket) if name.startswith("features")} == {
+        f"{task}.zarr" for task in TASKS
+    }
+    # Damage found on the cluster is the damage found here.
+    path = store_path(url)
+    shard = next(n for n in objects(url) if n.startswith("train/bottleneck/c/"))
+    body = path.fs.cat_file(f"{path.path}/{shard}")
+    path.fs.pipe_file(f"{path.path}/{shard}", body[:-8] + bytes(8))  # same size, other bytes
+    here = kdmtl("verify", url)
+    there = kdmtl("verify", url, "--scheduler", cluster)
+    assert here.exit_code == there.exit_code == 1
+    assert there.output == here.output
+    assert f"{url}/{shard} differs from what was written (sha256)" in there.output
+    refused(
+        ("inspect", url, "--scheduler", "tcp://127.0.0.1:9"),
+        "cannot reach a dask scheduler at tcp://127.0.0.1:9",
+    )
+
+
+def test_an_extraction_to_s3_resumes_after_a_kill_and_mends_damage(outputs: Path, s3_bucket):
+    on_s3(s3_bucket, prepared=False, features={"shard_chunks": 1})  # three shards
+    url = f"{s3_bucket}/features/depth.zarr"
+    # Killed after writing the second shard's arrays, before recording them as written.
+    killed(
+        outputs,
+        "pipeline.store.features:FeatureStore.mark_done",
+        "extract-features",
+        "--teacher",
+        "depth",
+        nth=2,
+    )
+    store = FeatureStore.open(store_path(url))
+    assert store.done_shards() == {0} and not store.manifest.complete
+    result = kdmtl("verify", url)
+    assert result.exit_code == 1 and "incomplete: 1 of 3 shards written" in result.output
+    result = kdmtl("extract-features", "--teacher", "depth")
+    assert result.exit_code == 0, result.output
+    assert "wrote 2 shards (8 samples" in result.output and "the store is complete" in result.output
+    assert kdmtl("verify", url).exit_code == 0
+    assert not [name for name in objects(s3_bucket) if ".creating-" in name]
+    # A shard deleted from the bucket is found at opening, and extraction writes it again.
+    shard = next(name for name in objects(url) if name.startswith("train/decoder/c/1/"))
+    store.path.fs.rm_file(f"{store.path.path}/{shard}")
+    refused(("inspect", url), f"feature store {url} is damaged: {url}/{shard} is missing")
+    result = kdmtl("verify", url)
+    assert result.exit_code == 1 and f"{url}/{shard} is missing" in result.output
+    result = kdmtl("extract-features", "--teacher", "depth")
+    assert result.exit_code == 0 and "wrote 1 shards (4 samples" in result.output
+    assert kdmtl("verify", url).exit_code == 0
+
+
+def test_an_interrupted_copy_into_s3_is_refused_then_replaced(outputs: Path, s3_bucket):
+    # Object storage has no rename: a store is copied into place. Killed midway, the copy holds
+    # the manifest and some of the files: readers refuse it, and the rerun replaces it.
+    on_s3(s3_bucket)
+    url = f"{s3_bucket}/data/prepared.zarr"
+    killed(
+        outputs,
+        "s3fs.core:S3FileSystem._cp_file",
+        "prepare",
+        when="'zarr.json' not in str(args[1])",  # after the manifest, before the chunks
+    )
+    assert "zarr.json" in objects(url) and len(objects(url)) == 1
+    refused(("train-teacher", "--teacher", "depth"), f"the prepared data is damaged: {url}/")
+    result = kdmtl("verify", url)
+    assert result.exit_code == 1 and "is missing" in result.output
+    assert kdmtl("prepare").exit_code == 0
+    assert open_prepared(store_path(url)).problems(full=True) == []
+    assert not [name for name in objects(s3_bucket) if ".partial-" in name]
+
+
+def test_kdmtl_writes_only_over_its_own_stores_in_s3(outputs: Path, s3_bucket):
+    on_s3(s3_bucket)
+    someone = store_path(f"{s3_bucket}/data/prepared.zarr")
+    someone.fs.pipe_file(f"{someone.path}/notes.txt", b"mine")
+    refused(("prepare",), f"{someone} exists and is not a readable kdmtl store")
+    assert objects(str(someone)) == ["notes.txt"]
+    # A folder holding a kdmtl store is refused as well.
+    on_s3(s3_bucket, paths={"features": f"{s3_bucket}/data/prepared.zarr/features"})
+    someone.fs.rm_file(f"{someone.path}/notes.txt")
+    assert kdmtl("prepare").exit_code == 0
+    refused(("extract-features", "--teacher", "depth"), "lies inside the Zarr store")
+
+
+def test_a_dead_process_s_work_folder_in_s3_is_removed_and_another_host_s_is_not(
+    outputs: Path, s3_bucket
+):
+    on_s3(s3_bucket)
+    fs = store_path(s3_bucket).fs
+    bucket = s3_bucket.removeprefix("s3://")
+    host = os.uname().nodename
+    ours = f"{bucket}/data/prepared.zarr.partial-{host}-999999999/zarr.json"
+    theirs = f"{bucket}/data/prepared.zarr.partial-elsewhere-999999999/zarr.json"
+    for name in (ours, theirs):
+        fs.pipe_file(name, b"{}")
+    assert kdmtl("prepare").exit_code == 0
+    assert not fs.exists(ours) and fs.exists(theirs)
+
+
+def test_unreachable_or_misconfigured_object_storage_is_one_message(outputs: Path, s3_bucket):
+    store = f"{s3_bucket}/features/depth.zarr"
+    refused(("inspect", "s3://no-such-bucket-kdmtl/depth.zarr"), "there is no bucket")
+    refused(("inspect", store), f"no feature store at {store}: run `kdmtl extract-features")
+    refused(("inspect", "nosuch://bucket/x.zarr"), "is not a path kdmtl can open")
+    on_s3("s3://no-such-bucket-kdmtl")
+    refused(("train-teacher", "--teacher", "depth"), "there is no bucket 'no-such-bucket-kdmtl'")
+
+    def run(**environment: str) -> subprocess.CompletedProcess:
+        # A fresh process: an S3 client reads its environment once.
+        env = {**os.environ, "AWS_MAX_ATTEMPTS": "1", **environment}
+        return subprocess.run(
+            [str(Path(sys.executable).parent / "kdmtl"), "inspect", store],
+            capture_output=True,
+            text=True,
+            env={key: value for key, value in env.items() if value},
+            timeout=300,
+        )
+
+    for result, message in (
+        (run(AWS_ACCESS_KEY_ID="", AWS_SECRET_ACCESS_KEY=""), "Unable to locate credentials"),
+        (run(AWS_ENDPOINT_URL="http://127.0.0.1:9"), "Could not connect to the endpoint URL"),
+    ):
+        assert result.returncode == 2, result.stderr
+        assert f"cannot reach the object store: {message}" in result.stderr
+        assert "Traceback" not in result.stderr
