@@ -3,11 +3,13 @@
     python benchmarks/object_storage.py [--task depth] [--repeats 5]
 
 Run after `dvc repro`. Copies `features/TASK.zarr` into a bucket of a local S3 server (moto's, on
-127.0.0.1, started and stopped here) and reads both copies in one process with the student's
-readers, interleaved: opening the store (the manifest and a size check of every shard file), the
-streamed reader (`loader.resident: off`: shuffled chunks, batches of 16, the next group read
-ahead) and the resident load (`ram`: every chunk decoded once by a pool of threads). Prints one
-Markdown table of medians; decompressed MB/s counts the decoded features, sample ids and views.
+127.0.0.1, started and stopped here) and reads both copies in one process, interleaved: opening
+the store (the manifest and a size check of every shard file), fetching every file's bytes
+without decoding (what the storage itself gives), and the student's two readers: streamed
+(`loader.resident: off`: shuffled chunks, batches of 16, the next group read ahead) and the
+resident load (`ram`: every chunk decoded once by a pool of threads). Prints one Markdown table of
+medians; MB/s counts the decoded features, sample ids and views (for the fetch, the compressed
+bytes).
 """
 
 import os
@@ -74,6 +76,17 @@ def opening(path: str) -> Callable[[], int]:
     return run
 
 
+def raw_files(path: str) -> Callable[[], int]:
+    """Every file of the store fetched as bytes, nothing decoded: what the storage gives."""
+
+    def run() -> int:
+        folder = store_path(path)
+        root = folder.path.rstrip("/")
+        return sum(len(body) for body in folder.fs.cat(folder.fs.find(root)).values())
+
+    return run
+
+
 def streamed(path: str) -> Callable[[], int]:
     def run() -> int:
         store = FeatureStore.open(store_path(path))
@@ -105,6 +118,7 @@ def main(task: str, repeats: int) -> None:
         fs.put(local, remote.removeprefix("s3://"), recursive=True)
         readings = {
             "open (manifest, sizes of the shard files)": opening,
+            "every file as bytes, compressed (no decoding)": raw_files,
             "streamed (`resident: off`)": streamed,
             "resident load (`ram`, 8 threads)": resident,
         }
