@@ -187,11 +187,13 @@ def test_kdmtl_writes_only_over_its_own_stores_in_s3(outputs: Path, s3_bucket):
     someone.fs.pipe_file(f"{someone.path}/notes.txt", b"mine")
     refused(("prepare",), f"{someone} exists and is not a readable kdmtl store")
     assert objects(str(someone)) == ["notes.txt"]
-    # A folder holding a kdmtl store is refused as well.
+    # A store inside another store is refused, as is a store that is a whole bucket.
     on_s3(s3_bucket, paths={"features": f"{s3_bucket}/data/prepared.zarr/features"})
     someone.fs.rm_file(f"{someone.path}/notes.txt")
     assert kdmtl("prepare").exit_code == 0
     refused(("extract-features", "--teacher", "depth"), "lies inside the Zarr store")
+    on_s3(s3_bucket, paths={"prepared": s3_bucket})
+    refused(("prepare",), f"{s3_bucket}/ is a whole bucket; a store is a folder in one")
 
 
 def test_a_dead_process_s_work_folder_in_s3_is_removed_and_another_host_s_is_not(
@@ -235,3 +237,9 @@ def test_unreachable_or_misconfigured_object_storage_is_one_message(outputs: Pat
         assert result.returncode == 2, result.stderr
         assert f"cannot reach the object store: {message}" in result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_a_local_path_written_as_a_file_url_is_a_local_path(tmp_path: Path):
+    path = store_path(f"file://{tmp_path}/prepared.zarr")
+    assert isinstance(path, Path) and path == tmp_path / "prepared.zarr"
+    assert isinstance(store_path("features"), Path)

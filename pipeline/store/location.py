@@ -39,9 +39,11 @@ def store_path(where: str | os.PathLike) -> UPath:
         raise KdmtlError(f"{where}: reading this kind of URL needs {extra} ({error})") from None
     except ValueError as error:
         raise KdmtlError(f"{where} is not a path kdmtl can open: {error}") from None
+    if path.protocol in ("file", "local"):  # a local path written as a URL
+        return UPath(path.path)
     if is_local(path):
         return path
-    bucket = path.path.split("/")[0]
+    bucket = path.path.strip("/").split("/")[0]
     try:
         try:
             fs.info(path.path)

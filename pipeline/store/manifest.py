@@ -136,6 +136,8 @@ def check_writable(
             raise DataError(
                 f"{path} would replace {input_path} ({input_key}), which this command reads: {fix}"
             )
+    if not is_local(path) and "/" not in path.path.strip("/"):
+        raise DataError(f"{path} is a whole bucket; a store is a folder in one: {fix}")
     if path.is_symlink():
         raise DataError(f"{path} is a symbolic link; kdmtl replaces only folders it made: {fix}")
     if path.exists():
