@@ -133,8 +133,10 @@ def test_an_error_read_ahead_comes_out_unchanged_and_an_early_stop_leaves_no_thr
     stream = ChunkStream(FailingSource(40, 4), 4, shuffle=False, buffer_chunks=2)
     with pytest.raises(DataError, match=r"^chunk 5 is damaged: run `kdmtl prepare` again$"):
         list(stream)
-    threads = threading.active_count()
+    # Other tests' background threads may end meanwhile: only new threads count.
+    threads = set(threading.enumerate())
     batches = iter(ChunkStream(CountingSource(40, 4), 4, shuffle=False, buffer_chunks=2))
     next(batches)
+    assert set(threading.enumerate()) - threads  # the reader thread runs
     batches.close()  # the consumer stops: the reader thread ends with the generator
-    assert threading.active_count() == threads
+    assert set(threading.enumerate()) - threads == set()
