@@ -3,6 +3,7 @@
 import errno
 import functools
 import json
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
@@ -221,6 +222,9 @@ def params_option(command: Callable) -> Callable:
     )(command)
 
 
+SCHEDULER_TIMEOUT = 10  # seconds to connect to a dask scheduler, and for it to have a worker
+
+
 def store_argument(command: Callable) -> Callable:
     """Adds the STORE argument: a local path, or a URL in object storage (`s3://...`)."""
     return click.argument("store", callback=lambda _ctx, _param, value: _store(value))(command)
@@ -257,14 +261,32 @@ def dask_scheduler(address: str | None) -> Iterator[None]:
         raise KdmtlError(
             "--scheduler needs dask.distributed: pip install 'kdmtl[cluster]'"
         ) from None
-    try:
-        client = Client(address, timeout="10s")
-    except (OSError, TimeoutError, ValueError) as error:
-        raise KdmtlError(
-            f"cannot reach a dask scheduler at {address} ({first_line(error)}): start one "
-            "(`dask scheduler`, with `dask worker ADDRESS` on each machine) or give its address"
-        ) from None
-    with client:
+    remedy = "start one (`dask scheduler`, then `dask worker ADDRESS` on each machine)"
+    connected: dict[str, Any] = {}
+
+    def connect() -> None:
+        try:
+            connected["client"] = Client(address, timeout=f"{SCHEDULER_TIMEOUT}s")
+        except BaseException as error:
+            connected["error"] = error
+
+    # A server that accepts the connection but never answers as a scheduler holds the client
+    # past its own timeout: wait in a thread that is left behind if it does not return.
+    thread = threading.Thread(target=connect, name="dask-connect", daemon=True)
+    thread.start()
+    thread.join(SCHEDULER_TIMEOUT + 5)
+    if "client" not in connected:
+        error = connected.get("error")
+        why = first_line(error) if error else f"no answer in {SCHEDULER_TIMEOUT + 5} s"
+        raise KdmtlError(f"cannot reach a dask scheduler at {address} ({why}): {remedy}")
+    with connected["client"] as client:
+        try:
+            client.wait_for_workers(1, timeout=SCHEDULER_TIMEOUT)
+        except TimeoutError:
+            raise KdmtlError(
+                f"the dask scheduler at {address} has no workers after {SCHEDULER_TIMEOUT} s: "
+                "start `dask worker ADDRESS` on each machine"
+            ) from None
         yield
 
 

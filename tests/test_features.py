@@ -361,7 +361,7 @@ def test_verify_passes_on_a_good_store(project: Path):
     result = kdmtl("verify", str(STORE), "--checks", "3")
     assert result.exit_code == 0, result.output
     assert "ok: manifest matches models/teachers/depth.pt (sha256)" in result.output
-    assert "ok: read every chunk of 4 arrays (12 shards): checksums ok" in result.output
+    assert "ok: read every chunk of 4 arrays (12 shard files): checksums ok" in result.output
     assert "ok: recomputed 3 sample views with the teacher" in result.output
     assert result.output.strip().endswith("verified")
 

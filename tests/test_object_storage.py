@@ -4,6 +4,7 @@ and `inspect` and `verify` on a dask.distributed cluster."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from distributed import LocalCluster
 from pipeline.store.features import FeatureStore
 from pipeline.store.location import store_path
 from pipeline.store.prepared import open_prepared
+from stages import common
 
 TASKS = ("semseg", "depth", "normal")
 
@@ -145,19 +147,26 @@ def test_an_extraction_to_s3_resumes_after_a_kill_and_mends_damage(outputs: Path
     assert store.done_shards() == {0} and not store.manifest.complete
     result = kdmtl("verify", url)
     assert result.exit_code == 1 and "incomplete: 1 of 3 shards written" in result.output
+    assert "out of order" not in result.output  # shards not written are not read
     result = kdmtl("extract-features", "--teacher", "depth")
     assert result.exit_code == 0, result.output
     assert "wrote 2 shards (8 samples" in result.output and "the store is complete" in result.output
     assert kdmtl("verify", url).exit_code == 0
     assert not [name for name in objects(s3_bucket) if ".creating-" in name]
-    # A shard deleted from the bucket is found at opening, and extraction writes it again.
-    shard = next(name for name in objects(url) if name.startswith("train/decoder/c/1/"))
-    store.path.fs.rm_file(f"{store.path.path}/{shard}")
-    refused(("inspect", url), f"feature store {url} is damaged: {url}/{shard} is missing")
+    # A shard deleted from the bucket, and another truncated, are found at opening, and
+    # extraction writes them again (zarr reads a shard file it writes over: the damaged one
+    # goes first).
+    fs, root = store.path.fs, store.path.path
+    deleted = next(name for name in objects(url) if name.startswith("train/decoder/c/1/"))
+    truncated = next(name for name in objects(url) if name.startswith("train/decoder/c/2/"))
+    fs.rm_file(f"{root}/{deleted}")
+    fs.pipe_file(f"{root}/{truncated}", fs.cat_file(f"{root}/{truncated}")[:100])
+    refused(("inspect", url), f"feature store {url} is damaged: {url}/{deleted} is missing")
     result = kdmtl("verify", url)
-    assert result.exit_code == 1 and f"{url}/{shard} is missing" in result.output
+    assert result.exit_code == 1 and f"{url}/{deleted} is missing" in result.output
+    assert f"{url}/{truncated} has 100 bytes" in result.output
     result = kdmtl("extract-features", "--teacher", "depth")
-    assert result.exit_code == 0 and "wrote 1 shards (4 samples" in result.output
+    assert result.exit_code == 0 and "wrote 2 shards (8 samples" in result.output
     assert kdmtl("verify", url).exit_code == 0
 
 
@@ -216,6 +225,7 @@ def test_unreachable_or_misconfigured_object_storage_is_one_message(outputs: Pat
     refused(("inspect", "s3://no-such-bucket-kdmtl/depth.zarr"), "there is no bucket")
     refused(("inspect", store), f"no feature store at {store}: run `kdmtl extract-features")
     refused(("inspect", "nosuch://bucket/x.zarr"), "is not a path kdmtl can open")
+    refused(("inspect", f"{s3_bucket}//features/depth.zarr"), "has an empty part (//)")
     on_s3("s3://no-such-bucket-kdmtl")
     refused(("train-teacher", "--teacher", "depth"), "there is no bucket 'no-such-bucket-kdmtl'")
 
@@ -237,6 +247,25 @@ def test_unreachable_or_misconfigured_object_storage_is_one_message(outputs: Pat
         assert result.returncode == 2, result.stderr
         assert f"cannot reach the object store: {message}" in result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_a_scheduler_that_does_not_answer_or_has_no_workers_is_one_message(
+    outputs: Path, monkeypatch
+):
+    monkeypatch.setattr(common, "SCHEDULER_TIMEOUT", 1)
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        address = f"tcp://127.0.0.1:{silent.getsockname()[1]}"
+        refused(
+            ("inspect", "features/depth.zarr", "--scheduler", address),
+            f"cannot reach a dask scheduler at {address} (no answer in 6 s)",
+        )
+    with LocalCluster(n_workers=0, processes=False, dashboard_address=None) as empty:
+        refused(
+            ("verify", "features/depth.zarr", "--scheduler", empty.scheduler_address),
+            f"the dask scheduler at {empty.scheduler_address} has no workers after 1 s",
+        )
 
 
 def test_a_local_path_written_as_a_file_url_is_a_local_path(tmp_path: Path):

@@ -315,8 +315,11 @@ class FeatureStore:
         self.array("written")[shard] = np.stack(words)
 
     def forget(self, shard: int) -> None:
-        """Drop the shard's record before it is written again: until then it is not done."""
+        """Drop the shard's record before it is written again (until then it is not done), and
+        its files: zarr reads a shard file it writes over, and a damaged one would stop it."""
         self.array("written")[shard] = 0
+        for file in self.shard_files().values():
+            file(shard).unlink(missing_ok=True)
 
     def mark_complete_if_all_done(self) -> bool:
         """Set the manifest's completion once every shard is written (the last writer does)."""

@@ -43,6 +43,9 @@ def store_path(where: str | os.PathLike) -> UPath:
         return UPath(path.path)
     if is_local(path):
         return path
+    if "//" in str(where).split("://", 1)[-1].rstrip("/"):
+        # Object storage keeps "a//b" as a key of its own, which no listing of "a/b" finds.
+        raise KdmtlError(f"{where} has an empty part (//): remove the extra slash")
     bucket = path.path.strip("/").split("/")[0]
     try:
         try:
