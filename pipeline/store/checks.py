@@ -128,7 +128,7 @@ def read_every_chunk(store: FeatureStore, report: Verification) -> set[int]:
     failures = sum(not readable for readable, _ in results)
     report.checked.append(
         f"read every chunk of {len(names)} arrays ({len(work)} shard files): "
-        + ("checksums ok" if not failures else f"{failures} shards unreadable")
+        + ("checksums ok" if not failures else f"{failures} shard files unreadable")
     )
     return damaged
 
