@@ -24,6 +24,8 @@ from pathlib import Path
 
 from upath import UPath
 
+from pipeline.store.location import is_local
+
 WORK_TAGS = ("partial", "old", "creating")
 ROOT_METADATA = "zarr.json"
 
@@ -48,15 +50,11 @@ def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
         partial.unlink(missing_ok=True)
 
 
-def _local(path: Path | UPath) -> bool:
-    return isinstance(path, Path)
-
-
 def work_path(target: Path | UPath, tag: str) -> Path | UPath:
     """Where this process builds (`partial`, `creating`) or sets aside (`old`) `target`."""
     assert tag in WORK_TAGS
     target = UPath(target)
-    owner = str(os.getpid()) if _local(target) else f"{socket.gethostname()}-{os.getpid()}"
+    owner = str(os.getpid()) if is_local(target) else f"{socket.gethostname()}-{os.getpid()}"
     return target.with_name(f"{target.name}.{tag}-{owner}")
 
 
@@ -73,7 +71,7 @@ def _alive(pid: int) -> bool:
 def remove_leftovers(target: Path | UPath) -> list[Path | UPath]:
     """Remove the work folders of `target` left by processes that are gone; returns them."""
     target = UPath(target)
-    owner = r"(\d+)" if _local(target) else rf"{re.escape(socket.gethostname())}-(\d+)"
+    owner = r"(\d+)" if is_local(target) else rf"{re.escape(socket.gethostname())}-(\d+)"
     pattern = re.compile(rf"{re.escape(target.name)}\.({'|'.join(WORK_TAGS)})-{owner}")
     removed = []
     if not target.parent.is_dir():
@@ -97,7 +95,7 @@ def remove_tree(path: Path | UPath) -> None:
     """Delete the folder `path` and what it holds, if it is there (another run may be removing
     it too). In object storage, a store's root metadata goes last."""
     path = UPath(path)
-    if _local(path):
+    if is_local(path):
         shutil.rmtree(path, onerror=_unless_gone)
         return
     fs, root = path.fs, f"{path.path}/{ROOT_METADATA}"
@@ -125,7 +123,7 @@ def move_into_place(new: Path | UPath, target: Path | UPath) -> bool:
     folder: locally the rename fails for all but the first; in object storage, a later copy of
     the same content may land over the first, never after a removal."""
     new, target = UPath(new), UPath(target)
-    if _local(new):
+    if is_local(new):
         try:
             new.rename(target)
             return True
@@ -143,7 +141,7 @@ def move_into_place(new: Path | UPath, target: Path | UPath) -> bool:
 def replace_directory(new: Path | UPath, target: Path | UPath) -> None:
     """Move the finished directory `new` to `target`, replacing what was there."""
     new, target = UPath(new), UPath(target)
-    if not _local(new):
+    if not is_local(new):
         remove_tree(target)
         _copy_tree(new, target)
         remove_tree(new)
@@ -160,7 +158,7 @@ def replace_directory(new: Path | UPath, target: Path | UPath) -> None:
 def parent_folders(path: Path) -> Iterator[None]:
     """Create the missing folders above `path`; if the body fails, remove those it leaves empty,
     so that a refused command leaves no trace. Object storage has no folders to make."""
-    if not _local(UPath(path)):
+    if not is_local(UPath(path)):
         yield
         return
     missing = [p for p in reversed(Path(path).absolute().parents) if not p.exists()]
