@@ -1,12 +1,17 @@
-"""The distillation loss of the paper: adaptors and per-pixel normalised feature distances."""
+"""Distillation losses: one registered class per `student.method` that distils (`kd`, the paper;
+`url`, its authors' follow-up), matching the student's features to its teachers' through
+adaptors, and the matching of predictions (`student.kd_outputs`) that either may add."""
 
 from collections.abc import Collection
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pipeline.models import FEATURES
+from pipeline.registry import Registry
+from pipeline.tasks import Task
 
 EPS = 1e-6
 
@@ -41,13 +46,22 @@ def feature_distance(
 
 
 class Distiller(nn.Module):
-    """One adaptor per task and distilled feature: a 1x1 convolution without bias, xavier-normal
-    initialised, mapping the student's channels to the teacher's."""
+    """Per task and student feature tap, an adaptor, a 1x1 convolution without bias,
+    xavier-normal initialised, mapping the student's channels to those of the teacher feature
+    it is matched to (`targets`); the loss is `sum_t lambda_t sum_s d(adaptor(s), teacher_t)`
+    with the per-pixel normalised distance `feature_distance`."""
 
+    name: ClassVar[str]
+    # student tap -> the teacher tap it is matched to
+    targets: ClassVar[dict[str, str]]
+    # The adaptors' Adam learning rate when params leave it null, and whether it follows a
+    # cosine schedule over the student's epochs.
+    adaptor_lr: ClassVar[float]
+    adaptor_cosine: ClassVar[bool]
     # The loss sees each teacher feature normalised per pixel: stores that keep only that
     # normalisation (`normalized-int8`) serve it, for the tasks in `normalized_teachers`. A loss
     # that compares magnitudes sets this, and such stores are refused.
-    uses_teacher_magnitudes = False
+    uses_teacher_magnitudes: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -63,34 +77,87 @@ class Distiller(nn.Module):
         for task, channels in teacher_channels.items():
             self.adaptors[task] = nn.ModuleDict(
                 {
-                    name: nn.Conv2d(student_channels[name], channels[name], 1, bias=False)
-                    for name in FEATURES
+                    name: nn.Conv2d(student_channels[name], channels[target], 1, bias=False)
+                    for name, target in self.targets.items()
                 }
             )
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.xavier_normal_(module.weight)
 
+    @classmethod
+    def teacher_features(cls) -> list[str]:
+        """The teacher taps this loss reads."""
+        return sorted(set(cls.targets.values()), key=FEATURES.index)
+
     def forward(
         self,
         student: dict[str, dict[str, torch.Tensor]],
         teachers: dict[str, dict[str, torch.Tensor]],
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The weighted total, sum_t lambda_t (d_bottleneck + d_decoder), and each distance,
-        keyed `TASK.FEATURE`; `student[t]` holds the student's taps that serve task t (shared in
-        SegNet, attended in MTAN)."""
+        """The weighted total and each distance, keyed `TASK.STUDENT_TAP`; `student[t]` holds the
+        student's taps that serve task t (shared in SegNet, attended in MTAN)."""
         distances = {
             f"{task}.{name}": feature_distance(
                 adaptors[name](student[task][name]),
-                teachers[task][name],
+                teachers[task][self.targets[name]],
                 task in self.normalized_teachers,
             )
             for task, adaptors in self.adaptors.items()
-            for name in FEATURES
+            for name in self.targets
         }
         total = sum(
             self.weights[task] * distances[f"{task}.{name}"]
             for task in self.adaptors
-            for name in FEATURES
+            for name in self.targets
         )
+        return total, distances
+
+
+DISTILLERS: Registry[Distiller] = Registry("distillation method")
+
+
+@DISTILLERS.register
+class PaperKD(Distiller):
+    """Li and Bilen (2020): each student tap matched to the same tap of each teacher, the
+    bottleneck to the bottleneck and the last decoder feature to the last decoder feature."""
+
+    name: ClassVar[str] = "kd"
+    targets: ClassVar[dict[str, str]] = {"bottleneck": "bottleneck", "decoder": "decoder"}
+    adaptor_lr: ClassVar[float] = 0.1
+    adaptor_cosine: ClassVar[bool] = False
+
+
+@DISTILLERS.register
+class UniversalRepresentations(Distiller):
+    """Li, Liu and Bilen (2022), dense prediction: both student taps matched to each teacher's
+    last decoder feature, the adapted bottleneck upsampled to its resolution."""
+
+    name: ClassVar[str] = "url"
+    targets: ClassVar[dict[str, str]] = {"bottleneck": "decoder", "decoder": "decoder"}
+    adaptor_lr: ClassVar[float] = 0.01
+    adaptor_cosine: ClassVar[bool] = True
+
+
+class OutputDistiller:
+    """The student's predictions matched to its teachers' (`student.kd_outputs`), per task by the
+    task's `output_distance` (per-pixel KL at a temperature for segmentation, L1 for depth,
+    cosine for normals), weighted per task; tasks of weight 0 are left out."""
+
+    def __init__(self, tasks: dict[str, Task], weights: dict[str, float], temperature: float):
+        self.tasks = {name: task for name, task in tasks.items() if weights.get(name, 0) > 0}
+        self.weights = {name: weights[name] for name in self.tasks}
+        self.temperature = temperature
+
+    def __call__(
+        self, predictions: dict[str, torch.Tensor], teachers: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The weighted total and each task's distance, keyed `TASK.prediction`."""
+        distances = {
+            f"{name}.prediction": task.output_distance(
+                predictions[name], teachers[name].detach().float(), self.temperature
+            )
+            for name, task in self.tasks.items()
+        }
+        total = sum(self.weights[name] * distances[f"{name}.prediction"] for name in self.tasks)
         return total, distances

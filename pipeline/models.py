@@ -16,6 +16,8 @@ from torch import nn
 from pipeline.registry import Registry
 
 FEATURES = ("bottleneck", "decoder")
+# A teacher's raw head output, cached with its features for output distillation.
+PREDICTION = "prediction"
 
 
 @dataclass
@@ -41,9 +43,11 @@ class Architecture(nn.Module, ABC):
         self.heads = dict(heads)
 
     def distilled_features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """A single-task network's (a teacher's) feature taps for its task."""
+        """What a single-task network (a teacher) gives distillation: its feature taps for its
+        task and its raw head output (`prediction`)."""
         (task,) = self.heads
-        return self(images).features_of(task)
+        output = self(images)
+        return output.features_of(task) | {PREDICTION: output.predictions[task]}
 
     @abstractmethod
     def last_shared_layer(self) -> list[nn.Parameter]:

@@ -19,12 +19,15 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
+from pipeline.distill import DISTILLERS
 from pipeline.errors import KdmtlError
 from schemas.checkpoint import EvaluationHeadline
 
 # Params a row's label shows anyway (method_label), or that runs of one row differ in.
 LABEL_PARAMS = {"student.method", "student.weighting", "student.model.arch", "model.arch"}
 SEED_PARAM = "student.seed"
+OUTPUT_PARAMS = "student.kd_outputs."
+ABSENT = "(absent)"  # a row's value of a param its runs leave out
 
 
 @dataclass(frozen=True)
@@ -37,20 +40,35 @@ class Run:
 
     @property
     def flat_params(self) -> dict[str, object]:
-        return flatten_params(self.params)
+        """The params, flat; those of output distillation only where it is on (`method_label`
+        says so), since they change nothing otherwise."""
+        flat = flatten_params(self.params)
+        if distils_outputs(self.params):
+            return flat
+        return {key: value for key, value in flat.items() if not key.startswith(OUTPUT_PARAMS)}
 
     @property
     def seed(self) -> int:
         return int(self.flat_params.get(SEED_PARAM, 0))
 
 
+def distils_outputs(params: dict) -> bool:
+    """Whether a run distilled its teachers' predictions (`student.kd_outputs`)."""
+    student = params.get("student", {})
+    weights = (student.get("kd_outputs") or {}).get("weights") or {}
+    return student.get("method", "kd") in DISTILLERS and any(w > 0 for w in weights.values())
+
+
 def method_label(params: dict) -> str:
-    """How a run is named in the table: the student's architecture, method and weighting."""
+    """How a run is named in the table: the student's architecture, method and weighting, and
+    whether it distilled the teachers' predictions."""
     student = params.get("student", {})
     arch = (student.get("model") or params.get("model") or {}).get("arch", "segnet")
     method = student.get("method", "kd")
-    if method == "kd" and student.get("weighting", "ew") != "ew":
-        method = f"kd + {student['weighting']}"
+    if method in DISTILLERS and student.get("weighting", "ew") != "ew":
+        method = f"{method} + {student['weighting']}"
+    if distils_outputs(params):
+        method += " + outputs"
     return method if arch == "segnet" else f"{arch}: {method}"
 
 
@@ -197,20 +215,22 @@ def teacher_sets(runs: list[Run]) -> list[TeacherSet]:
         varying = sorted(
             key
             for key in {k for params in flat for k in params}
-            if key not in LABEL_PARAMS | {SEED_PARAM}
-            and len({json.dumps(params.get(key), default=str) for params in flat}) > 1
+            if key not in LABEL_PARAMS | {SEED_PARAM} and _varies(key, flat)
         )
         rows: dict[str, list[Run]] = defaultdict(list)
         for run, params in zip(members, flat, strict=True):
-            values = [params.get(key) for key in varying]
+            values = [params.get(key, ABSENT) for key in varying]
             rows[json.dumps([method_label(run.params), values], default=str)].append(run)
         teacher_set = TeacherSet(_set_name(index), teachers, members[0].headline)
         for key, row_runs in rows.items():
             label, values = json.loads(key)
-            if values:
-                label += (
-                    " (" + ", ".join(f"{k}={v}" for k, v in zip(varying, values, strict=True)) + ")"
-                )
+            shown = [
+                f"{k}={None if v == ABSENT else v}"
+                for k, v in zip(varying, values, strict=True)
+                if not (v == ABSENT and k.startswith(OUTPUT_PARAMS))
+            ]
+            if shown:
+                label += f" ({', '.join(shown)})"
             tasks = [run.headline.tasks for run in row_runs]
             teacher_set.rows.append(
                 MethodRow(
@@ -224,6 +244,13 @@ def teacher_sets(runs: list[Run]) -> list[TeacherSet]:
         teacher_set.rows.sort(key=lambda row: (math.isnan(row.delta[0]), -row.delta[0]))
         sets.append(teacher_set)
     return sets
+
+
+def _varies(key: str, flat: list[dict[str, object]]) -> bool:
+    """Whether runs differ in `key`, a run without it counting as null; output distillation's
+    params count only among the runs that distil outputs ("+ outputs" in their label)."""
+    among = [p for p in flat if key in p] if key.startswith(OUTPUT_PARAMS) else flat
+    return len({json.dumps(p.get(key), default=str) for p in among}) > 1
 
 
 def _set_name(index: int) -> str:

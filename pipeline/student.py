@@ -1,8 +1,8 @@
 """The multi-task student: its training data, joined with the teachers' cached features, and its
-training loop (task losses weighted by a method, plus the distillation loss for `kd`)."""
+training loop (task losses weighted by a method, plus the distillation losses of `kd` or `url`)."""
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -12,10 +12,10 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline.augment import IDENTITY, apply_views, random_view
-from pipeline.distill import Distiller
+from pipeline.distill import DISTILLERS, Distiller, OutputDistiller
 from pipeline.distributed import SINGLE, Replicas, batch_means, data_parallel
 from pipeline.errors import DataError, KdmtlError
-from pipeline.models import FEATURES, Architecture, ModelOutput, build_model
+from pipeline.models import FEATURES, PREDICTION, Architecture, ModelOutput, build_model
 from pipeline.precision import Precision
 from pipeline.store.features import SPLIT, FeatureChunks, FeatureStore
 from pipeline.store.prepared import PreparedSplit, PreparedStore
@@ -69,7 +69,8 @@ def check_stores(
 
 class StudentSource:
     """The student's training samples as a ChunkSource: per chunk of the prepared grid, the image
-    and targets joined by sample id with each teacher's cached features (`TASK.FEATURE`).
+    and targets joined by sample id with each teacher's cached arrays (`TASK.NAME`): those named
+    in `arrays[TASK]`, its two feature taps by default.
 
     With cached views, each epoch picks one stored view per sample, and the image and targets are
     transformed by replaying that view's stored parameters, so they match the cached features.
@@ -83,10 +84,15 @@ class StudentSource:
         stores: dict[str, FeatureStore] | None,
         augment: bool,
         seed: int,
+        arrays: dict[str, Sequence[str]] | None = None,
     ) -> None:
         self.split = PreparedSplit(prepared, SPLIT, tasks)
         self.tasks = list(tasks)
-        self.features = {task: FeatureChunks(store) for task, store in (stores or {}).items()}
+        stores = stores or {}
+        self.arrays = {task: list((arrays or {}).get(task, FEATURES)) for task in stores}
+        self.features = {
+            task: FeatureChunks(store, self.arrays[task]) for task, store in stores.items()
+        }
         self.augment = augment
         self.seed = seed
         self.chunk_size = self.split.chunk_size
@@ -101,9 +107,9 @@ class StudentSource:
         chunk but the last is as large)."""
         host = chunk_nbytes(self.split.read_chunk(0))
         features = 0
-        for source in self.features.values():
+        for task, source in self.features.items():
             first = source.read_chunk(0)
-            held = sum(first[name].nbytes for name in FEATURES)
+            held = sum(first[name].nbytes for name in self.arrays[task])
             features += held
             host += chunk_nbytes(first) - held
         return host * num_chunks(self), features * num_chunks(self)
@@ -118,7 +124,7 @@ class StudentSource:
                 source,
                 f"decoding the {task} features",
                 device=device,
-                on_device=FEATURES,
+                on_device=self.arrays[task],
                 progress=progress,
             )
             for task, source in self.features.items()
@@ -138,7 +144,7 @@ class StudentSource:
                 pick = (np.arange(count), rng.integers(stored_views.shape[1], size=count))
             views = stored_views[pick]
             for task, values in cached.items():
-                for name in FEATURES:
+                for name in self.arrays[task]:
                     block[f"{task}.{name}"] = values[name][pick]
         elif self.augment:
             views = np.stack([random_view(rng, *self.size) for _ in range(count)])
@@ -247,14 +253,41 @@ def choose_residency(
     return mode
 
 
-def refuse_unusable_encodings(stores: dict[str, FeatureStore], distiller: Distiller) -> None:
-    """Refuse stores whose encoding lost what the distillation loss needs."""
+def distilled_arrays(
+    method: type[Distiller], config: StudentParams, tasks: list[str]
+) -> dict[str, list[str]]:
+    """Per task, the teacher arrays the student reads: the taps `method` matches, and the
+    prediction where `student.kd_outputs` weighs the task."""
+    weights = config.kd_outputs.weights
+    return {
+        task: method.teacher_features() + ([PREDICTION] if weights.get(task, 0) > 0 else [])
+        for task in tasks
+    }
+
+
+def refuse_unusable_stores(
+    stores: dict[str, FeatureStore], method: type[Distiller], arrays: dict[str, list[str]]
+) -> None:
+    """Refuse stores without an array the losses read (the teacher's prediction, in stores of
+    an older kdmtl or of an imported teacher without `output`), or whose encoding lost what the
+    distillation loss needs."""
     for task, store in stores.items():
-        if store.encoding.normalized and distiller.uses_teacher_magnitudes:
+        again = f"`kdmtl extract-features --teacher {task}`"
+        missing = [name for name in arrays[task] if name not in store.manifest.features]
+        if PREDICTION in missing:
+            raise DataError(
+                f"feature store {store.path} holds no {task} teacher predictions, which "
+                f"student.kd_outputs.weights.{task} asks to distil: run {again} with this kdmtl "
+                f"(an imported teacher needs an output in teacher.imported.{task}), or set the "
+                "weight to 0"
+            )
+        if missing:
+            raise DataError(f"feature store {store.path} holds no {missing[0]}: run {again}")
+        if store.encoding.normalized and method.uses_teacher_magnitudes:
             raise DataError(
                 f"feature store {store.path} holds {store.encoding.name} features, unit vectors "
                 "without the teacher's magnitudes, which this distillation loss compares: set "
-                f"features.encoding: float16, then run `kdmtl extract-features --teacher {task}`"
+                f"features.encoding: float16, then run {again}"
             )
 
 
@@ -265,14 +298,17 @@ def build_distiller(
     teachers: dict[str, nn.Module] | None,
     device: torch.device,
 ) -> tuple[Distiller, dict[str, nn.Module] | None]:
-    """Adaptors from the student's channels to each teacher's (read from the stores' manifests
-    when distilling from the cache), and the teachers in eval mode on `device` otherwise."""
+    """The method's adaptors from the student's channels to each teacher's (read from the
+    stores' manifests when distilling from the cache), and the teachers in eval mode on `device`
+    otherwise."""
     needed = {"cache": stores, "online": teachers}[config.kd_source]
     if not needed:
         kind = "feature stores" if config.kd_source == "cache" else "teacher models"
         raise ValueError(f"kd_source {config.kd_source!r} needs the teachers' {kind}")
+    method = DISTILLERS[config.method]
     normalized = []
     if config.kd_source == "cache":
+        refuse_unusable_stores(stores, method, distilled_arrays(method, config, list(stores)))
         channels = {
             task: {name: store.manifest.features[name].shape[2] for name in FEATURES}
             for task, store in stores.items()
@@ -281,10 +317,37 @@ def build_distiller(
     else:
         teachers = {task: teacher.to(device).eval() for task, teacher in teachers.items()}
         channels = {task: teacher.feature_channels() for task, teacher in teachers.items()}
-    distiller = Distiller(model.feature_channels(), channels, config.kd_weights, normalized)
-    if stores and config.kd_source == "cache":
-        refuse_unusable_encodings(stores, distiller)
+    distiller = method(model.feature_channels(), channels, config.kd_weights, normalized)
     return distiller.to(device), teachers
+
+
+def adaptor_optimizer(
+    distiller: Distiller, config: StudentParams
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
+    """Adam for the adaptors, at `student.adaptor_lr` or the method's own rate, annealed by a
+    cosine over the student's epochs where the method has it (else constant: no scheduler)."""
+    optimizer = torch.optim.Adam(
+        distiller.parameters(),
+        lr=config.adaptor_lr or distiller.adaptor_lr,
+        weight_decay=config.adaptor_weight_decay,
+    )
+    if not distiller.adaptor_cosine:
+        return optimizer, None
+    return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+
+
+def teacher_predictions(
+    targets: dict[str, dict[str, torch.Tensor]], tasks: Collection[str]
+) -> dict[str, torch.Tensor]:
+    """The prediction of each teacher of `tasks` among its distillation targets; an online
+    teacher that gives none (an imported one without `output`) is named."""
+    missing = [task for task in tasks if PREDICTION not in targets[task]]
+    if missing:
+        raise KdmtlError(
+            f"the {missing[0]} teacher gives no prediction to distil (student.kd_outputs): set "
+            f"an output in teacher.imported.{missing[0]}, or its weight to 0"
+        )
+    return {task: targets[task][PREDICTION] for task in tasks}
 
 
 @dataclass
@@ -341,11 +404,18 @@ def train_student(
 ) -> StudentResult:
     """Train a multi-task student and evaluate it on the test split after every epoch.
 
-    With `config.method == "kd"` the distillation targets come from `stores` (cached features,
-    no teacher runs) or from `teachers` run on every batch (`kd_source: online`). With several
+    With a distillation method (`kd`, `url`) the distillation targets come from `stores` (cached
+    features and predictions, no teacher runs) or from `teachers` run on every batch
+    (`kd_source: online`). With several
     `replicas` (data-parallel processes), this process trains on its share of each global batch
     of `config.batch_size` and evaluates its share of the test split."""
-    distil = config.method == "kd"
+    distil = config.method in DISTILLERS
+    if config.kd_outputs.enabled and not distil:
+        raise KdmtlError(
+            "student.kd_outputs distils the teachers' predictions beside their features: it "
+            f"needs student.method {' or '.join(DISTILLERS)}, not {config.method} (or set its "
+            "weights to 0)"
+        )
     weighting_name = config.weighting if distil else config.method
     refuse_local_gradient_weighting(weighting_name, replicas)
     replicas.batch_size(config.batch_size, "student.batch_size")  # refused unless it splits
@@ -361,19 +431,23 @@ def train_student(
     distiller, teachers = (
         build_distiller(model, config, stores, teachers, device) if distil else (None, None)
     )
+    outputs = None
     if distiller is not None:
-        optimizers.append(
-            torch.optim.Adam(
-                distiller.parameters(),
-                lr=config.adaptor_lr,
-                weight_decay=config.adaptor_weight_decay,
-            )
-        )
+        adaptors, adaptor_schedule = adaptor_optimizer(distiller, config)
+        optimizers.append(adaptors)
+        schedulers += [adaptor_schedule] if adaptor_schedule else []
+        if config.kd_outputs.enabled:
+            weights, temperature = config.kd_outputs.weights, config.kd_outputs.temperature
+            outputs = OutputDistiller(tasks, weights, temperature)
     trained = TrainedModules(model, distiller, weighting).to(device)  # a weighting's too
     trained = data_parallel(trained, replicas, device)
     cached = stores if distil and config.kd_source == "cache" else None
-    encodings = {task: store.encoding for task, store in (cached or {}).items()}
-    source = StudentSource(prepared, task_names, cached, augment, seed)
+    arrays = distilled_arrays(type(distiller), config, task_names) if distil else {}
+    encodings = {
+        task: {name: store.encoding_of(name) for name in arrays[task]}
+        for task, store in (cached or {}).items()
+    }
+    source = StudentSource(prepared, task_names, cached, augment, seed, arrays)
     shown = progress and replicas.is_main
     resident = choose_residency(
         source, loader, device, tqdm.write if replicas.is_main else lambda _line: None
@@ -421,8 +495,8 @@ def train_student(
         if distiller is not None:
             if cached:
                 targets = {
-                    t: {n: encodings[t].decode(batch[f"{t}.{n}"]) for n in FEATURES}
-                    for t in distiller.weights
+                    t: {n: encoding.decode(batch[f"{t}.{n}"]) for n, encoding in names.items()}
+                    for t, names in encodings.items()
                 }
             else:
                 targets = online
@@ -430,6 +504,12 @@ def train_student(
                 task: {n: f.float() for n, f in output.features_of(task).items()} for task in tasks
             }
             extra, distances = distiller(student, targets)
+            if outputs is not None:
+                predicted = {t: output.predictions[t].float() for t in outputs.tasks}
+                taught = teacher_predictions(targets, outputs.tasks)
+                matched, output_distances = outputs(predicted, taught)
+                extra = extra + matched
+                distances |= output_distances
             logs |= {f"dist_{key}": value.item() for key, value in distances.items()}
         context = StepContext(output.features["decoder"], last_shared, precision.scale)
         weights = weighting.backward(losses, extra, context)

@@ -52,6 +52,13 @@ class Task(ABC):
         return output
 
     @abstractmethod
+    def output_distance(
+        self, student: torch.Tensor, teacher: torch.Tensor, temperature: float
+    ) -> torch.Tensor:
+        """How far the student's raw head output is from its teacher's, averaged over every
+        pixel (the teacher predicts where the target is missing too); output distillation."""
+
+    @abstractmethod
     def meter(self) -> Meter:
         """A fresh metric accumulator."""
 
@@ -87,6 +94,14 @@ class Semseg(Task):
     def predict(self, output):
         return output.argmax(1)
 
+    def output_distance(self, student, teacher, temperature):
+        """KL(teacher || student) of the class probabilities at `temperature`, summed over
+        classes, times temperature^2 (Hinton et al.: gradients keep their size as it grows)."""
+        log_student = F.log_softmax(student / temperature, dim=1)
+        log_teacher = F.log_softmax(teacher / temperature, dim=1)
+        kl = F.kl_div(log_student, log_teacher, reduction="none", log_target=True).sum(1)
+        return kl.mean() * temperature**2
+
     def meter(self) -> Meter:
         return SegmentationMeter(self.num_classes)
 
@@ -110,6 +125,10 @@ class Depth(Task):
 
     def loss_terms(self, output, target):
         return _valid_terms((output - target).abs(), target != 0)
+
+    def output_distance(self, student, teacher, temperature):
+        """L1; the temperature is segmentation's."""
+        return (student - teacher).abs().mean()
 
     def meter(self) -> Meter:
         return DepthMeter()
@@ -144,6 +163,10 @@ class Normal(Task):
     def loss_terms(self, output, target):
         cosine = (self.predict(output) * target).sum(1)
         return _valid_terms(1 - cosine, target.abs().sum(1) > 0)
+
+    def output_distance(self, student, teacher, temperature):
+        """1 - cosine of the normalised predictions; the temperature is segmentation's."""
+        return (1 - (self.predict(student) * self.predict(teacher)).sum(1)).mean()
 
     def meter(self) -> Meter:
         return NormalMeter()

@@ -251,17 +251,40 @@ class TeacherParams(TrainParams):
         return TrainParams.model_validate(base | self.overrides.get(task, {}))
 
 
+class OutputDistillParams(Contract):
+    """Distillation of the teachers' predictions, beside their features (`kd` and `url`)."""
+
+    weights: dict[str, Annotated[Float, Field(ge=0)]] = Field(
+        {"semseg": 0.0, "depth": 0.0, "normal": 0.0},
+        description="Weight per task of the distance to its teacher's prediction; 0: off.",
+    )
+    temperature: Float = Field(
+        1.0, gt=0, description="Softmax temperature of segmentation's KL divergence."
+    )
+
+    @field_validator("weights")
+    @classmethod
+    def _known_tasks(cls, value: dict[str, float], info: ValidationInfo) -> dict[str, float]:
+        _check_known(value, _context(info).get("tasks"), "a task")
+        return value
+
+    @property
+    def enabled(self) -> bool:
+        return any(weight > 0 for weight in self.weights.values())
+
+
 class StudentParams(TrainParams):
     """Training of the multi-task student.
 
-    `method` is `kd` (the paper: task losses plus distillation towards the teachers' features) or
-    a loss weighting without distillation (`ew`, `dwa`, `uw`, `gradnorm`, `mgda`). With `kd`,
-    `weighting` weights the task losses."""
+    `method` is a distillation method (`kd`, the paper: task losses plus distillation towards the
+    teachers' features; `url`, its authors' follow-up) or a loss weighting without distillation
+    (`ew`, `dwa`, `uw`, `gradnorm`, `mgda`). With a distillation method, `weighting` weights the
+    task losses."""
 
     epochs: Int = Field(30, ge=1)
     model: ModelParams | None = Field(None, description="The student's network; null: as model.")
     method: str = "kd"
-    weighting: str = Field("ew", description="Task-loss weighting used with method kd.")
+    weighting: str = Field("ew", description="Task-loss weighting used with kd or url.")
     kd_source: Literal["cache", "online"] = Field(
         "cache", description="cache: stream the stored features; online: run the teachers."
     )
@@ -269,7 +292,10 @@ class StudentParams(TrainParams):
         {"semseg": 1.0, "depth": 1.0, "normal": 2.0},
         description="lambda >= 0 per task, multiplying its two feature distances.",
     )
-    adaptor_lr: Float = Field(0.1, gt=0, description="Adam learning rate of the adaptors.")
+    kd_outputs: OutputDistillParams = Field(default_factory=OutputDistillParams)
+    adaptor_lr: Float | None = Field(
+        None, gt=0, description="Adam learning rate of the adaptors; null: the method's own."
+    )
     adaptor_weight_decay: Float = Field(5e-4, ge=0)
     gradnorm_alpha: Float = Field(1.5, ge=0, description="GradNorm's asymmetry alpha.")
     seed: Seed = Field(0, description="Seed of the student's initialisation and batches.")
@@ -279,7 +305,7 @@ class StudentParams(TrainParams):
     def _known_method(cls, value: str, info: ValidationInfo) -> str:
         weightings = _context(info).get("weightings")
         if weightings is not None and info.field_name == "method":
-            weightings = ["kd", *weightings]
+            weightings = [*_context(info).get("distillers", []), *weightings]
         _check_known([value], weightings, "a method")
         return value
 

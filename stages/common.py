@@ -16,6 +16,7 @@ from pydantic import BaseModel, ValidationError
 from upath import UPath
 
 from pipeline.data import SOURCES
+from pipeline.distill import DISTILLERS
 from pipeline.distributed import Replicas, process_device, process_group
 from pipeline.errors import KdmtlError, first_line
 from pipeline.files import sha256_file, write_atomically
@@ -50,6 +51,7 @@ def validation_context() -> dict[str, Any]:
         "sources": {name: list(SOURCES[name].tasks) for name in SOURCES},
         "architectures": ARCHITECTURES.names(),
         "weightings": WEIGHTINGS.names(),
+        "distillers": DISTILLERS.names(),
         "encodings": {name: ENCODINGS[name].mantissa_bits for name in ENCODINGS},
         "feature_taps": list(FEATURES),
     }

@@ -22,7 +22,7 @@ def format_summary(summary: dict) -> str:
     for name, f in summary["features"].items():
         mean, std = f["channel_mean"], f["channel_std"]
         lines += [
-            f"  {name}: {f['shape']} stored as {f['dtype']} ({summary['encoding']} encoding), "
+            f"  {name}: {f['shape']} stored as {f['dtype']} ({f['encoding']} encoding), "
             f"codecs {' + '.join(f['codecs'])}",
             f"    {f['bytes_on_disk'] / 1e6:.2f} MB on disk, {f['bytes_raw_float32'] / 1e6:.2f} MB "
             f"as raw float32: ratio {f['ratio']:.3f}",

@@ -6,6 +6,7 @@ import click
 
 from pipeline import __version__
 from pipeline.checkpoints import ensure_replaceable, save_checkpoint
+from pipeline.distill import DISTILLERS
 from pipeline.errors import KdmtlError
 from pipeline.store.features import FeatureStore
 from pipeline.store.prepared import open_prepared
@@ -28,7 +29,8 @@ from stages.common import (
 @params_option
 @user_errors
 def command(params: Params) -> None:
-    """Train the multi-task student: from the cached teacher features (method kd), or plain; its
+    """Train the multi-task student: from the cached teacher features (methods kd and url), or
+    plain; its
     curves and final metrics go to METRICS/student/ (DVCLive), updated after every epoch.
     Started by torchrun, trains with DistributedDataParallel, one process per GPU (README,
     "Several GPUs and machines")."""
@@ -39,7 +41,8 @@ def command(params: Params) -> None:
     prepared.check_matches(params.data)
     config = params.student
     stores, teachers, distilled_from = None, None, {}
-    if config.method == "kd" and config.kd_source == "cache":
+    distil = config.method in DISTILLERS
+    if distil and config.kd_source == "cache":
         paths = {task: feature_store_path(params, task) for task in params.tasks}
         missing = [task for task, path in paths.items() if not path.exists()]
         if missing:
@@ -52,7 +55,7 @@ def command(params: Params) -> None:
         fingerprints = {task: current_fingerprint(params, task) for task in params.tasks}
         check_stores(stores, prepared, fingerprints, params.features, params.data.augment)
         distilled_from = {t: store.manifest.teacher_fingerprint for t, store in stores.items()}
-    elif config.method == "kd":
+    elif distil:
         teachers = {}
         for task in params.tasks:
             teacher = current_teacher(params, task, prepared)

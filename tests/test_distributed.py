@@ -13,7 +13,7 @@ import torch.distributed as dist
 from conftest import BIN, TINY_PARAMS, curve, kdmtl, write_params
 
 from pipeline.checkpoints import load_student, load_teacher
-from pipeline.distill import Distiller
+from pipeline.distill import PaperKD
 from pipeline.distributed import Replicas, batch_means, data_parallel
 from pipeline.errors import KdmtlError
 from pipeline.models import build_model
@@ -132,7 +132,7 @@ def student_gradients(replicas: Replicas) -> dict[str, torch.Tensor]:
     )
     torch.manual_seed(0)
     model = build_model("segnet", [4, 8], {name: task.channels for name, task in tasks.items()})
-    distiller = Distiller(
+    distiller = PaperKD(
         model.feature_channels(),
         {t: {"bottleneck": 6, "decoder": 3} for t in TASKS},
         {t: 1.0 for t in TASKS},

@@ -97,6 +97,8 @@ def test_extraction_writes_the_layout_and_manifest(project: Path):
     assert decoder.shape == (12, 1, 4, 16, 24)
     assert decoder.dtype == np.float16
     assert decoder.chunks == (4, 1, 4, 16, 24) and decoder.shards == (4, 1, 4, 16, 24)
+    prediction = store.array("prediction")  # the depth teacher's output, at the image's size
+    assert prediction.shape == (12, 1, 1, 16, 24) and prediction.dtype == np.float16
     codecs = [c["name"] for c in manifest.features["decoder"].codecs]
     assert codecs == ["bytes", "blosc", "crc32c"]
     blosc = manifest.features["decoder"].codecs[1]["configuration"]
@@ -106,7 +108,7 @@ def test_extraction_writes_the_layout_and_manifest(project: Path):
     assert store.done_shards() == {0, 1, 2}
     # One file per shard and array: tens of files, however many samples.
     files = [p for p in (project / STORE).rglob("*") if p.is_file()]
-    assert len(files) <= 3 * 4 + 3 + 8
+    assert len(files) <= 3 * 5 + 3 + 9
 
     for index in (0, 7, 11):
         fresh = recomputed(project, index, np.array([1, 0, 0, 0], np.float32))
@@ -361,7 +363,7 @@ def test_verify_passes_on_a_good_store(project: Path):
     result = kdmtl("verify", str(STORE), "--checks", "3")
     assert result.exit_code == 0, result.output
     assert "ok: manifest matches models/teachers/depth.pt (sha256)" in result.output
-    assert "ok: read every chunk of 4 arrays (12 shard files): checksums ok" in result.output
+    assert "ok: read every chunk of 5 arrays (15 shard files): checksums ok" in result.output
     assert "ok: recomputed 3 sample views with the teacher" in result.output
     assert result.output.strip().endswith("verified")
 
@@ -433,7 +435,7 @@ def test_a_full_disk_stops_cleanly_and_the_run_resumes(project: Path, monkeypatc
 
     def fill_up(self, key, value):
         writes.append(self.path)
-        if len(writes) > 5:  # the second shard's first write
+        if len(writes) > 6:  # the second shard's first write (5 arrays, then its record)
             raise OSError(errno.ENOSPC, "No space left on device", "features/depth.zarr")
         original(self, key, value)
 

@@ -93,6 +93,37 @@ def test_method_labels():
     assert method_label({"student": {"method": "kd", "weighting": "uw"}}) == "kd + uw"
     assert method_label({"student": {"method": "kd", "model": {"arch": "mtan"}}}) == "mtan: kd"
     assert method_label({"model": {"arch": "mtan"}, "student": {"method": "ew"}}) == "mtan: ew"
+    assert method_label({"student": {"method": "url", "weighting": "dwa"}}) == "url + dwa"
+    on = {"weights": {"semseg": 1.0, "depth": 0.0}, "temperature": 2.0}
+    assert method_label({"student": {"method": "url", "kd_outputs": on}}) == "url + outputs"
+    off = {"weights": {"semseg": 0.0, "depth": 0.0}, "temperature": 2.0}
+    assert method_label({"student": {"method": "kd", "kd_outputs": off}}) == "kd"
+
+
+def test_output_distillation_params_name_only_the_rows_that_distil_outputs():
+    def outputs(temperature: float, semseg: float = 1.0) -> dict:
+        return {"kd_outputs": {"weights": {"semseg": semseg}, "temperature": temperature}}
+
+    records = [
+        record("a", "kd", 0, 0.6, 0.4, **outputs(1.0, semseg=0.0)),
+        record("b", "kd", 0, 0.6, 0.4, **outputs(2.0)),
+        record("c", "kd", 1, 0.6, 0.4, **outputs(2.0)),
+        record("d", "url", 0, 0.6, 0.4, **outputs(2.0)),
+    ]
+    (only,) = teacher_sets(runs_of(records))
+    assert sorted((row.label, tuple(row.seeds)) for row in only.rows) == [
+        ("kd", (0,)),
+        ("kd + outputs", (0, 1)),
+        ("url + outputs", (0,)),
+    ]
+    records.append(record("e", "kd", 0, 0.6, 0.4, **outputs(4.0)))
+    (only,) = teacher_sets(runs_of(records))
+    assert sorted((row.label, tuple(row.seeds)) for row in only.rows) == [
+        ("kd", (0,)),
+        ("kd + outputs (student.kd_outputs.temperature=2.0)", (0, 1)),
+        ("kd + outputs (student.kd_outputs.temperature=4.0)", (0,)),
+        ("url + outputs (student.kd_outputs.temperature=2.0)", (0,)),
+    ]
 
 
 def test_runs_count_once_and_say_where_they_come_from():

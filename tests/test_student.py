@@ -16,7 +16,7 @@ import pipeline.store.resident
 import pipeline.student
 from pipeline.augment import apply_view
 from pipeline.checkpoints import load_teacher, save_checkpoint
-from pipeline.distill import Distiller, feature_distance, normalize_pixels
+from pipeline.distill import PaperKD, feature_distance, normalize_pixels
 from pipeline.errors import DataError, KdmtlError
 from pipeline.files import sha256_file
 from pipeline.metrics import delta_mtl
@@ -29,7 +29,7 @@ from pipeline.student import (
     StudentSource,
     build_distiller,
     choose_residency,
-    refuse_unusable_encodings,
+    refuse_unusable_stores,
 )
 from pipeline.tasks import TASKS, higher_is_better, make_tasks
 from schemas.checkpoint import EvaluationHeadline, EvaluationReport, StudentMetadata
@@ -118,7 +118,7 @@ def test_a_normalised_teacher_is_used_as_it_is():
 
 
 def test_distiller_adaptors_and_weighted_total():
-    distiller = Distiller(
+    distiller = PaperKD(
         {"bottleneck": 8, "decoder": 4},
         {"depth": {"bottleneck": 16, "decoder": 4}, "normal": {"bottleneck": 16, "decoder": 4}},
         {"depth": 1.0, "normal": 2.0, "semseg": 1.0},
@@ -397,7 +397,7 @@ def test_online_and_cached_distillation_agree_on_the_same_batch(project: Path):
     torch.manual_seed(0)
     student = {"bottleneck": torch.randn(4, 8, 4, 6), "decoder": torch.randn(4, 4, 16, 24)}
     channels = {t: teachers[t].feature_channels() for t in TASK_NAMES}
-    distiller = Distiller({"bottleneck": 8, "decoder": 4}, channels, PARAMS_KD_WEIGHTS)
+    distiller = PaperKD({"bottleneck": 8, "decoder": 4}, channels, PARAMS_KD_WEIGHTS)
     cached = {
         t: {n: torch.from_numpy(batch[f"{t}.{n}"]) for n in ("bottleneck", "decoder")}
         for t in TASK_NAMES
@@ -414,6 +414,7 @@ def test_online_and_cached_distillation_agree_on_the_same_batch(project: Path):
 
 
 PARAMS_KD_WEIGHTS = {"semseg": 1.0, "depth": 1.0, "normal": 2.0}
+FEATURE_ARRAYS = {task: ["bottleneck", "decoder"] for task in TASK_NAMES}
 
 
 def test_kd_from_normalized_int8_stores_agrees_with_online_teachers(project: Path):
@@ -432,7 +433,7 @@ def test_kd_from_normalized_int8_stores_agrees_with_online_teachers(project: Pat
     torch.manual_seed(0)
     student = {"bottleneck": torch.randn(4, 8, 4, 6), "decoder": torch.randn(4, 4, 16, 24)}
     channels = {t: teachers[t].feature_channels() for t in TASK_NAMES}
-    online_distiller = Distiller({"bottleneck": 8, "decoder": 4}, channels, PARAMS_KD_WEIGHTS)
+    online_distiller = PaperKD({"bottleneck": 8, "decoder": 4}, channels, PARAMS_KD_WEIGHTS)
     distiller, _ = build_distiller(
         build_model("segnet", [4, 8], {"depth": 1}), StudentParams(), stores, None, CPU
     )
@@ -454,18 +455,18 @@ def test_kd_from_normalized_int8_stores_agrees_with_online_teachers(project: Pat
 
 
 def test_a_loss_that_compares_magnitudes_refuses_normalized_stores(project: Path):
-    class MagnitudeDistiller(Distiller):
+    class MagnitudeDistiller(PaperKD):
         uses_teacher_magnitudes = True
 
-    plain, magnitudes = Distiller({}, {}, {}), MagnitudeDistiller({}, {}, {})
+    plain, magnitudes = PaperKD, MagnitudeDistiller
     stores = stores_of(project)
-    refuse_unusable_encodings(stores, magnitudes)  # float16 keeps magnitudes
-    refuse_unusable_encodings(stores, plain)
+    refuse_unusable_stores(stores, magnitudes, FEATURE_ARRAYS)  # float16 keeps magnitudes
+    refuse_unusable_stores(stores, plain, FEATURE_ARRAYS)
     write_params(project, PARAMS | {"features": {"shard_chunks": 1, "encoding": "normalized-int8"}})
     assert kdmtl("extract-features", "--teacher", "depth").exit_code == 0
-    refuse_unusable_encodings(stores_of(project), plain)
+    refuse_unusable_stores(stores_of(project), plain, FEATURE_ARRAYS)
     with pytest.raises(DataError) as refused:
-        refuse_unusable_encodings(stores_of(project), magnitudes)
+        refuse_unusable_stores(stores_of(project), magnitudes, FEATURE_ARRAYS)
     assert str(refused.value) == (
         f"feature store {project / 'features/depth.zarr'} holds normalized-int8 features, unit "
         "vectors without the teacher's magnitudes, which this distillation loss compares: set "
@@ -486,7 +487,7 @@ def test_unknown_method_and_missing_kd_weight(project: Path):
     write_params(project, PARAMS | {"student": {"method": "magic"}})
     result = kdmtl("train-student")
     assert result.exit_code == 2
-    assert "'magic' is not a method; allowed: kd, ew, dwa, uw, gradnorm, mgda" in result.output
+    assert "'magic' is not a method; allowed: kd, url, ew, dwa, uw, gradnorm, mgda" in result.output
     write_params(project, PARAMS | {"student": {"kd_weights": {"semseg": 1, "depth": 1}}})
     result = kdmtl("train-student")
     assert result.exit_code == 2

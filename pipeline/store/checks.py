@@ -11,7 +11,6 @@ from torch import nn
 from upath import UPath
 
 from pipeline.errors import reading
-from pipeline.models import FEATURES
 from pipeline.precision import Precision, recomputation_tolerance
 from pipeline.store.extract import NonFiniteFeature, teacher_features
 from pipeline.store.features import SPLIT, FeatureStore, keep_bits
@@ -22,7 +21,8 @@ def lazy_feature(store: FeatureStore, name: str) -> da.Array:
     """A feature as a lazy float32 dask array, decoded from the store's encoding, one block per
     shard (dask would otherwise take the small inner chunks of a sharded array as its blocks)."""
     array = store.array(name, "r")
-    return store.encoding.decode_array(da.from_zarr(array, chunks=array.shards or array.chunks))
+    stored = da.from_zarr(array, chunks=array.shards or array.chunks)
+    return store.encoding_of(name).decode_array(stored)
 
 
 def bytes_on_disk(folder: UPath) -> int:
@@ -66,6 +66,7 @@ def summarize(store: FeatureStore) -> dict:
         summary["features"][name] = {
             "shape": info.shape,
             "dtype": info.dtype,
+            "encoding": store.encoding_of(name).name,
             "codecs": [c["name"] for c in info.codecs],
             "bytes_on_disk": disk,
             "bytes_raw_float32": raw,
@@ -164,25 +165,28 @@ def recompute(
     except NonFiniteFeature as error:
         report.problems.append(f"{error} on the recomputed sample views (NaN or Inf)")
         return
-    encoding = store.encoding
-    allowed = max(
-        encoding.tolerance(keep_bits(manifest.features[FEATURES[0]].codecs)),
-        recomputation_tolerance(manifest.precision),
-    )
-    kind = encoding.error_kind
-    errors = {}
-    for name in manifest.features:
+    errors: dict[tuple[str, float], list[str]] = {}  # (kind, tolerance) -> "NAME error"
+    for name, info in manifest.features.items():
+        encoding = store.encoding_of(name)
+        allowed = max(
+            encoding.tolerance(keep_bits(info.codecs)),
+            recomputation_tolerance(manifest.precision),
+        )
+        kind = encoding.error_kind
         chosen = store.array(name, "r").oindex[samples][np.arange(len(samples)), chosen_views]
         expected = encoding.expected(recomputed[name][:, 0].numpy())
-        errors[name] = float(encoding.errors(encoding.decode_array(chosen), expected).max())
-        if errors[name] > allowed:
+        error = float(encoding.errors(encoding.decode_array(chosen), expected).max())
+        if error > allowed:
             report.problems.append(
                 f"{name} differs from the teacher's recomputed features: {kind} error "
-                f"{errors[name]:.2e} > {allowed:.2e}"
+                f"{error:.2e} > {allowed:.2e}"
             )
-    shown = ", ".join(f"{name} {value:.1e}" for name, value in errors.items())
+        errors.setdefault((kind, allowed), []).append(f"{name} {error:.1e}")
+    shown = "; ".join(
+        f"max {kind} error {', '.join(names)} (tolerance {allowed:.1e})"
+        for (kind, allowed), names in errors.items()
+    )
     report.checked.append(
-        f"recomputed {len(samples)} sample views with the teacher ({encoding.name}, "
-        f"{manifest.precision}): max {kind} "
-        f"error {shown} (tolerance {allowed:.1e})"
+        f"recomputed {len(samples)} sample views with the teacher ({store.encoding.name}, "
+        f"{manifest.precision}): {shown}"
     )

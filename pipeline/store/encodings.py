@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from pipeline.distill import normalize_pixels
+from pipeline.models import PREDICTION
 from pipeline.registry import Registry
 
 
@@ -102,3 +103,10 @@ class NormalizedInt8(FeatureEncoding):
 
 def encoding_named(name: str) -> FeatureEncoding:
     return ENCODINGS[name]()
+
+
+def array_encoding(encoding: FeatureEncoding, name: str) -> FeatureEncoding:
+    """How a store in `encoding` keeps its array `name`: the teacher's prediction in float16
+    where the encoding would drop its magnitudes (output distillation compares them), every
+    other array in the encoding itself."""
+    return Float16() if name == PREDICTION and encoding.normalized else encoding

@@ -17,23 +17,22 @@ from torch import nn
 
 from pipeline.augment import apply_views, draw_views
 from pipeline.errors import KdmtlError
-from pipeline.models import FEATURES
 from pipeline.precision import Precision
 from pipeline.progress import progress_bar
-from pipeline.store.encodings import FeatureEncoding
+from pipeline.store.encodings import FeatureEncoding, array_encoding
 from pipeline.store.features import SPLIT, FeatureStore
 from pipeline.store.prepared import PreparedSplit, PreparedStore
 
 
 def feature_shapes(teacher: nn.Module, height: int, width: int) -> dict[str, tuple[int, ...]]:
-    """(C, h, w) of each feature tap for images of the given size."""
+    """(C, h, w) of each feature tap, and of the prediction, for images of the given size."""
     with torch.inference_mode():
         tensors = [*teacher.parameters(), *teacher.buffers()]  # none in a parameter-free one
         device = tensors[0].device if tensors else torch.device("cpu")
         features = teacher.eval().distilled_features(
             torch.zeros(1, 3, height, width, device=device)
         )
-    return {name: tuple(features[name].shape[1:]) for name in FEATURES}
+    return {name: tuple(feature.shape[1:]) for name, feature in features.items()}
 
 
 @dataclass
@@ -83,8 +82,9 @@ def teacher_features(
     encoding: FeatureEncoding | None = None,
     precision: Precision | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Features [n, V, C, h, w] of each sample's views, from the teacher (eval mode, its forward
-    pass in `precision`, fp32 by default): float32, or stored values of `encoding`, encoded on
+    """Features [n, V, C, h, w] of each sample's views, and the prediction where the teacher has
+    one, from the teacher (eval mode, its forward pass in `precision`, fp32 by default):
+    float32, or stored values of `encoding` (`array_encoding`), encoded on
     `device`. A value that is not finite, as computed or once encoded, raises NonFiniteFeature.
 
     From a GPU, features are copied into page-locked host memory without blocking the CPU, which
@@ -104,7 +104,7 @@ def teacher_features(
             features = teacher.distilled_features(inputs.to(device))
         for name, feature in features.items():
             feature = feature.float()
-            stored = feature if encoding is None else encoding.encode(feature)
+            stored = feature if encoding is None else array_encoding(encoding, name).encode(feature)
             # A float encoding keeps NaN and Inf and overflows to Inf; an integer one cannot
             # show them, so its input is checked.
             checked = stored if stored.is_floating_point() else feature

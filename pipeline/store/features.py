@@ -24,7 +24,7 @@ file's size when they open a store; `kdmtl verify` checks their digests.
 import functools
 import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,7 +37,7 @@ from pipeline import __version__
 from pipeline.augment import SCALES
 from pipeline.errors import DAMAGE, DataError, KdmtlError, reading
 from pipeline.files import move_into_place, remove_leftovers, remove_tree, work_path
-from pipeline.store.encodings import ENCODINGS, FeatureEncoding, encoding_named
+from pipeline.store.encodings import ENCODINGS, FeatureEncoding, array_encoding, encoding_named
 from pipeline.store.integrity import (
     RECORD_WORDS,
     chunk_file,
@@ -92,10 +92,9 @@ def feature_codecs(config: FeatureParams) -> tuple[list, list]:
     return filters, compressors
 
 
-def codec_records(config: FeatureParams) -> list[dict]:
-    """The features' codecs as zarr records them in an array's metadata."""
+def codec_records(config: FeatureParams, dtype: str) -> list[dict]:
+    """The codecs of a feature array of `dtype` as zarr records them in its metadata."""
     filters, compressors = feature_codecs(config)
-    dtype = encoding_named(config.encoding).dtype
     probe = zarr.create_array(
         store={}, shape=(1,), dtype=dtype, filters=filters, compressors=compressors
     )
@@ -125,14 +124,15 @@ def plan_manifest(
     count = manifest.splits[SPLIT].num_samples
     chunk = manifest.chunk_size
     shard = chunk * config.shard_chunks
-    codecs = codec_records(config)
+    encoding = encoding_named(config.encoding)
+    dtypes = {name: array_encoding(encoding, name).dtype for name in shapes}
     features = {
         name: FeatureArrayInfo(
             shape=[count, config.views, *shape],
-            dtype=encoding_named(config.encoding).dtype,
+            dtype=dtypes[name],
             chunks=[chunk, config.views, *shape],
             shards=[shard, config.views, *shape],
-            codecs=codecs,
+            codecs=codec_records(config, dtypes[name]),
         )
         for name, shape in shapes.items()
     }
@@ -245,6 +245,10 @@ class FeatureStore:
                 f"know (it knows {', '.join(ENCODINGS)}): {self.remedy}"
             )
         return encoding_named(name)
+
+    def encoding_of(self, name: str) -> FeatureEncoding:
+        """How the store keeps its array `name`."""
+        return array_encoding(self.encoding, name)
 
     @property
     def remedy(self) -> str:
@@ -417,12 +421,14 @@ def keep_bits(codecs: list[dict]) -> int | None:
 
 
 class FeatureChunks:
-    """A store as a ChunkSource: every array's values over one chunk of the prepared grid. Arrays
+    """A store as a ChunkSource: the values of its arrays `names` (all its features by default),
+    with the sample ids and views, over one chunk of the prepared grid. Arrays
     are opened lazily in each process (safe with `spawn` workers); the small `sample_id` and
     `views` arrays are read whole, once, rather than once per chunk."""
 
-    def __init__(self, store: FeatureStore) -> None:
+    def __init__(self, store: FeatureStore, names: Collection[str] | None = None) -> None:
         self.store = store
+        self.names = list(store.manifest.features if names is None else names)
         self.chunk_size = store.manifest.chunk_size
         self._arrays: dict[str, zarr.Array] | None = None
         self._small: dict[str, np.ndarray] = {}
@@ -440,8 +446,7 @@ class FeatureChunks:
                 with reading(self.store.path / SPLIT / name, remedy):
                     self._small[name] = self.store.array(name, "r")[:]
             # Last: another thread that sees the arrays open also sees the small ones read.
-            features = self.store.manifest.features
-            self._arrays = {name: self.store.array(name, "r") for name in features}
+            self._arrays = {name: self.store.array(name, "r") for name in self.names}
         start = chunk * self.chunk_size
         stop = min(start + self.chunk_size, len(self))
         arrays = {}

@@ -28,7 +28,7 @@ from torch import nn
 from pipeline.checkpoints import PICKLED, first_mismatch, is_pickle
 from pipeline.errors import DataError, KdmtlError, reading
 from pipeline.files import sha256_file
-from pipeline.models import ModelOutput
+from pipeline.models import PREDICTION, ModelOutput
 from pipeline.teachers.base import Teacher
 from schemas.features import ImportedTeacherRecord
 from schemas.params import ImportedTeacherParams
@@ -227,7 +227,10 @@ class ImportedTeacher(nn.Module):
         return ModelOutput(predictions, features)
 
     def distilled_features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self(images).features
+        """The taps, and the prediction where `output` names one."""
+        output = self(images)
+        predicted = output.predictions.get(self.task)
+        return output.features | ({} if predicted is None else {PREDICTION: predicted})
 
     def feature_channels(self) -> dict[str, int]:
         return dict(self.tap_channels)
