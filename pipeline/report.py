@@ -249,7 +249,10 @@ def teacher_sets(runs: list[Run]) -> list[TeacherSet]:
 def _varies(key: str, flat: list[dict[str, object]]) -> bool:
     """Whether runs differ in `key`, a run without it counting as null; output distillation's
     params count only among the runs that distil outputs ("+ outputs" in their label)."""
-    among = [p for p in flat if key in p] if key.startswith(OUTPUT_PARAMS) else flat
+    if key.startswith(OUTPUT_PARAMS):
+        among = [p for p in flat if any(k.startswith(OUTPUT_PARAMS) for k in p)]
+    else:
+        among = flat
     return len({json.dumps(p.get(key), default=str) for p in among}) > 1
 
 

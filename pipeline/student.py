@@ -275,10 +275,16 @@ def refuse_unusable_stores(
         again = f"`kdmtl extract-features --teacher {task}`"
         missing = [name for name in arrays[task] if name not in store.manifest.features]
         if PREDICTION in missing:
+            imported = store.manifest.imported
+            remedy = (
+                f"its imported teacher has no output: set one in teacher.imported.{task}, then "
+                f"run {again}"
+                if imported is not None and imported.output is None
+                else f"it was made before kdmtl cached predictions: run {again}"
+            )
             raise DataError(
                 f"feature store {store.path} holds no {task} teacher predictions, which "
-                f"student.kd_outputs.weights.{task} asks to distil: run {again} with this kdmtl "
-                f"(an imported teacher needs an output in teacher.imported.{task}), or set the "
+                f"student.kd_outputs.weights.{task} asks to distil; {remedy}, or set that "
                 "weight to 0"
             )
         if missing:
@@ -344,8 +350,8 @@ def teacher_predictions(
     missing = [task for task in tasks if PREDICTION not in targets[task]]
     if missing:
         raise KdmtlError(
-            f"the {missing[0]} teacher gives no prediction to distil (student.kd_outputs): set "
-            f"an output in teacher.imported.{missing[0]}, or its weight to 0"
+            f"the {missing[0]} teacher gives no prediction to distil: set an output in "
+            f"teacher.imported.{missing[0]}, or student.kd_outputs.weights.{missing[0]} to 0"
         )
     return {task: targets[task][PREDICTION] for task in tasks}
 

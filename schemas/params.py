@@ -441,10 +441,29 @@ class Params(Contract):
         return self
 
     @model_validator(mode="after")
-    def _kd_weight_per_task(self) -> "Params":
-        missing = [task for task in self.tasks if task not in self.student.kd_weights]
-        if self.student.method == "kd" and missing:
+    def _distillation_per_task(self, info: ValidationInfo) -> "Params":
+        """A distillation method (the context's `distillers`) weighs every task; outputs are
+        distilled only by one, and only for tasks in `tasks`."""
+        distillers = _context(info).get("distillers")
+        if distillers is None:
+            return self
+        student = self.student
+        missing = [task for task in self.tasks if task not in student.kd_weights]
+        if student.method in distillers and missing:
             raise ValueError(f"student.kd_weights has no weight for task {missing[0]!r}")
+        weighed = [task for task, weight in student.kd_outputs.weights.items() if weight > 0]
+        if weighed and student.method not in distillers:
+            raise ValueError(
+                "student.kd_outputs distils the teachers' predictions beside their features: it "
+                f"needs student.method {' or '.join(distillers)}, not {student.method} (or set "
+                "its weights to 0)"
+            )
+        for task in weighed:
+            if task not in self.tasks:
+                raise ValueError(
+                    f"student.kd_outputs.weights: {task!r} is not one of tasks "
+                    f"({', '.join(self.tasks)}); set its weight to 0, or add it to tasks"
+                )
         return self
 
     @model_validator(mode="after")

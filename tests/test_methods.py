@@ -19,6 +19,7 @@ from pipeline.store.features import FeatureStore
 from pipeline.store.prepared import open_prepared
 from pipeline.student import adaptor_optimizer, build_distiller, distilled_arrays
 from pipeline.tasks import make_tasks
+from schemas.features import ImportedTeacherRecord
 from schemas.params import StudentParams
 
 TASKS = ["semseg", "depth", "normal"]
@@ -150,7 +151,7 @@ def test_each_method_has_its_adaptor_optimiser():
     assert rates == pytest.approx([0.01 * (1 + math.cos(math.pi * e / 4)) / 2 for e in range(4)])
     optimizer, _ = adaptor_optimizer(url, StudentParams(adaptor_lr=0.5))
     assert optimizer.param_groups[0]["lr"] == 0.5
-    assert list(DISTILLERS) == ["kd", "url"]
+    assert DISTILLERS["kd"] is PaperKD and DISTILLERS["url"] is UniversalRepresentations
 
 
 # What the stores hold for them.
@@ -175,9 +176,8 @@ def test_a_store_without_predictions_is_refused_when_they_are_distilled(outputs:
     stores = {t: FeatureStore.open(outputs / f"features/{t}.zarr") for t in TASKS}
     manifest = stores["depth"].manifest
     features = {k: v for k, v in manifest.features.items() if k != "prediction"}
-    stores["depth"] = FeatureStore(
-        stores["depth"].path, manifest.model_copy(update={"features": features})
-    )
+    old = manifest.model_copy(update={"features": features})  # as an older kdmtl made it
+    stores["depth"] = FeatureStore(stores["depth"].path, old)
     model = build_model("segnet", [4, 8], {t: 1 for t in TASKS})
     build_distiller(model, StudentParams(), stores, None, CPU)  # kd reads features only
     with_outputs = StudentParams(method="url", kd_outputs=ALL_OUTPUTS)
@@ -187,11 +187,32 @@ def test_a_store_without_predictions_is_refused_when_they_are_distilled(outputs:
     ]
     with pytest.raises(DataError) as refused:
         build_distiller(model, with_outputs, stores, None, CPU)
-    assert str(refused.value) == (
+    refusal = (
         f"feature store {stores['depth'].path} holds no depth teacher predictions, which "
-        "student.kd_outputs.weights.depth asks to distil: run `kdmtl extract-features --teacher "
-        "depth` with this kdmtl (an imported teacher needs an output in teacher.imported.depth), "
-        "or set the weight to 0"
+        "student.kd_outputs.weights.depth asks to distil; "
+    )
+    assert str(refused.value) == refusal + (
+        "it was made before kdmtl cached predictions: run `kdmtl extract-features --teacher "
+        "depth`, or set that weight to 0"
+    )
+    # An imported teacher without `output`: extracting again would not help.
+    imported = ImportedTeacherRecord(
+        file="teacher.py",
+        factory="build",
+        weights="teacher.safetensors",
+        taps={"bottleneck": "encoder", "decoder": "decoder"},
+        output=None,
+        file_sha256="0" * 64,
+        weights_sha256="1" * 64,
+    )
+    stores["depth"] = FeatureStore(
+        stores["depth"].path, old.model_copy(update={"imported": imported})
+    )
+    with pytest.raises(DataError) as refused:
+        build_distiller(model, with_outputs, stores, None, CPU)
+    assert str(refused.value) == refusal + (
+        "its imported teacher has no output: set one in teacher.imported.depth, then run "
+        "`kdmtl extract-features --teacher depth`, or set that weight to 0"
     )
     weights = {"semseg": 1.0, "depth": 0.0, "normal": 1.0}  # not depth's: its store will do
     build_distiller(model, StudentParams(kd_outputs={"weights": weights}), stores, None, CPU)
@@ -223,3 +244,28 @@ def test_output_distillation_needs_a_distillation_method(outputs: Path):
     write_params(outputs, OUTPUT_PARAMS | {"student": {"kd_outputs": {"weights": {"sky": 1}}}})
     result = kdmtl("train-student")
     assert result.exit_code == 2 and "'sky' is not a task" in result.output
+
+
+@pytest.mark.parametrize(
+    "student, message",
+    [
+        (
+            {"method": "url", "kd_weights": {"semseg": 1, "depth": 1}},
+            "student.kd_weights has no weight for task 'normal'",
+        ),
+        (
+            {"kd_outputs": {"weights": {"normal": 1.0}}},
+            "student.kd_outputs.weights: 'normal' is not one of tasks (semseg, depth); set its "
+            "weight to 0, or add it to tasks",
+        ),
+        ({"kd_outputs": {"temperature": 0}}, "student.kd_outputs.temperature"),
+        ({"kd_outputs": {"weights": {"depth": -1.0}}}, "student.kd_outputs.weights.depth"),
+    ],
+)
+def test_distillation_params_are_checked(outputs: Path, student: dict, message: str):
+    tasks = ["semseg", "depth"] if "kd_outputs" in student else ["semseg", "depth", "normal"]
+    teacher = OUTPUT_PARAMS["teacher"] | {"trained": tasks}
+    write_params(outputs, OUTPUT_PARAMS | {"tasks": tasks, "teacher": teacher, "student": student})
+    result = kdmtl("train-student")
+    assert result.exit_code == 2, result.output
+    assert message in result.output

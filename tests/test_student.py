@@ -438,6 +438,9 @@ def test_kd_from_normalized_int8_stores_agrees_with_online_teachers(project: Pat
         build_model("segnet", [4, 8], {"depth": 1}), StudentParams(), stores, None, CPU
     )
     assert distiller.normalized_teachers == set(TASK_NAMES)
+    # The prediction keeps its magnitudes: float16 beside the int8 features.
+    assert stores["depth"].manifest.features["prediction"].dtype == "float16"
+    assert stores["depth"].encoding_of("prediction").name == "float16"
     distiller.load_state_dict(online_distiller.state_dict())  # the same adaptors
     cached = {
         t: {n: stores[t].encoding.decode(batch[f"{t}.{n}"]) for n in ("bottleneck", "decoder")}
@@ -476,11 +479,15 @@ def test_a_loss_that_compares_magnitudes_refuses_normalized_stores(project: Path
 
 def test_online_kd_trains_from_the_teachers(project: Path):
     shutil.rmtree(project / "features")
-    student = PARAMS["student"] | {"kd_source": "online"}
+    outputs = {"weights": {"semseg": 1.0, "depth": 0.0, "normal": 0.0}, "temperature": 2.0}
+    student = PARAMS["student"] | {"kd_source": "online", "kd_outputs": outputs}
     write_params(project, PARAMS | {"student": student})
     result = kdmtl("train-student")
     assert result.exit_code == 0, result.output
     assert curve(project / "metrics/student", "train/dist_depth.decoder")[1] > 0
+    assert curve(project / "metrics/student", "train/dist_semseg.prediction")[1] > 0
+    names = {p.stem for p in (project / "metrics/student/plots/metrics/train").iterdir()}
+    assert "dist_depth.prediction" not in names  # weight 0: left out
 
 
 def test_unknown_method_and_missing_kd_weight(project: Path):

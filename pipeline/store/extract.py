@@ -219,15 +219,16 @@ def extract(
                     teacher, images, views, batch_size, device, encoding, precision
                 )
             except NonFiniteFeature as error:
+                stored = store.encoding_of(error.name)
                 why = (
                     "the teacher gives NaN or Inf, or values beyond float16's range (65504): "
                     "for the range, set features.encoding: float32; else check its checkpoint"
-                    if encoding.dtype == "float16"
+                    if stored.dtype == "float16"
                     else "the teacher itself gives NaN or Inf; check its checkpoint"
                 )
                 raise KdmtlError(
                     f"teacher {store.manifest.task}'s {error.name} feature is not finite in "
-                    f"{encoding.name}: {why}"
+                    f"{stored.name}: {why}"
                 ) from None
             start, stop = store.shard_range(shard)
             values = {name: feature.numpy() for name, feature in features.items()}
