@@ -7,7 +7,9 @@ and the hashes of its outputs; a run counts when it has the evaluation's headlin
 
 Rows never mix runs of different teachers (the teacher checkpoints' hashes that DVC recorded, and
 the teachers' test metrics, must agree) or of different params: runs differing in a param other
-than the student's seed go to separate rows, labelled with the param.
+than the student's seed go to separate rows, labelled with the param. A param that a run's method
+does not use (an adaptor's rate under a weighting method, say) changes nothing, so it neither splits
+rows nor labels them.
 """
 
 import io
@@ -27,7 +29,17 @@ from schemas.checkpoint import EvaluationHeadline
 LABEL_PARAMS = {"student.method", "student.weighting", "student.model.arch", "model.arch"}
 SEED_PARAM = "student.seed"
 OUTPUT_PARAMS = "student.kd_outputs."
-ABSENT = "(absent)"  # a row's value of a param its runs leave out
+# Flat params (or their prefixes) that only a distilling method (`DISTILLERS`) uses.
+DISTILLATION_PARAMS = (
+    "student.weighting",
+    "student.kd_source",
+    "student.kd_weights.",
+    OUTPUT_PARAMS,
+    "student.adaptor_",
+)
+GRADNORM_PARAMS = "student.gradnorm_alpha"
+ADAPTOR_LR = "student.adaptor_lr"
+UNUSED = "(unused)"  # a row's value of a param its method does not use
 
 
 @dataclass(frozen=True)
@@ -40,12 +52,17 @@ class Run:
 
     @property
     def flat_params(self) -> dict[str, object]:
-        """The params, flat; those of output distillation only where it is on (`method_label`
-        says so), since they change nothing otherwise."""
+        """The params, flat; an adaptor rate equal to the method's own is null, as params leave
+        it now (older runs list kd's 0.1)."""
         flat = flatten_params(self.params)
-        if distils_outputs(self.params):
-            return flat
-        return {key: value for key, value in flat.items() if not key.startswith(OUTPUT_PARAMS)}
+        method = self.params.get("student", {}).get("method", "kd")
+        if method in DISTILLERS and flat.get(ADAPTOR_LR) == DISTILLERS[method].adaptor_lr:
+            flat[ADAPTOR_LR] = None
+        return flat
+
+    def uses(self, key: str) -> bool:
+        """Whether the run's method uses the flat param `key` (`unused_params`)."""
+        return not key.startswith(unused_params(self.params))
 
     @property
     def seed(self) -> int:
@@ -57,6 +74,22 @@ def distils_outputs(params: dict) -> bool:
     student = params.get("student", {})
     weights = (student.get("kd_outputs") or {}).get("weights") or {}
     return student.get("method", "kd") in DISTILLERS and any(w > 0 for w in weights.values())
+
+
+def unused_params(params: dict) -> tuple[str, ...]:
+    """The flat params (or their prefixes) that a run's method leaves unused: distillation's under
+    a weighting method, output distillation's where it is off, GradNorm's without GradNorm."""
+    student = params.get("student", {})
+    method = student.get("method", "kd")
+    unused: tuple[str, ...] = ()
+    if method not in DISTILLERS:
+        unused += DISTILLATION_PARAMS
+    elif not distils_outputs(params):
+        unused += (OUTPUT_PARAMS,)
+    weighting = student.get("weighting", "ew") if method in DISTILLERS else method
+    if weighting != "gradnorm":
+        unused += (GRADNORM_PARAMS,)
+    return unused
 
 
 def method_label(params: dict) -> str:
@@ -212,23 +245,25 @@ def teacher_sets(runs: list[Run]) -> list[TeacherSet]:
     sets = []
     for index, (teachers, members) in enumerate(grouped.items()):
         flat = [run.flat_params for run in members]
+        keys = {k for params in flat for k in params} - LABEL_PARAMS - {SEED_PARAM}
+        # Per run, the params its method uses; one that its params file leaves out is null.
+        used = [
+            {key: params.get(key) for key in keys if run.uses(key)}
+            for run, params in zip(members, flat, strict=True)
+        ]
         varying = sorted(
             key
-            for key in {k for params in flat for k in params}
-            if key not in LABEL_PARAMS | {SEED_PARAM} and _varies(key, flat)
+            for key in keys
+            if len({json.dumps(p[key], default=str) for p in used if key in p}) > 1
         )
         rows: dict[str, list[Run]] = defaultdict(list)
-        for run, params in zip(members, flat, strict=True):
-            values = [params.get(key, ABSENT) for key in varying]
+        for run, params in zip(members, used, strict=True):
+            values = [params.get(key, UNUSED) for key in varying]
             rows[json.dumps([method_label(run.params), values], default=str)].append(run)
         teacher_set = TeacherSet(_set_name(index), teachers, members[0].headline)
         for key, row_runs in rows.items():
             label, values = json.loads(key)
-            shown = [
-                f"{k}={None if v == ABSENT else v}"
-                for k, v in zip(varying, values, strict=True)
-                if not (v == ABSENT and k.startswith(OUTPUT_PARAMS))
-            ]
+            shown = [f"{k}={v}" for k, v in zip(varying, values, strict=True) if v != UNUSED]
             if shown:
                 label += f" ({', '.join(shown)})"
             tasks = [run.headline.tasks for run in row_runs]
@@ -244,16 +279,6 @@ def teacher_sets(runs: list[Run]) -> list[TeacherSet]:
         teacher_set.rows.sort(key=lambda row: (math.isnan(row.delta[0]), -row.delta[0]))
         sets.append(teacher_set)
     return sets
-
-
-def _varies(key: str, flat: list[dict[str, object]]) -> bool:
-    """Whether runs differ in `key`, a run without it counting as null; output distillation's
-    params count only among the runs that distil outputs ("+ outputs" in their label)."""
-    if key.startswith(OUTPUT_PARAMS):
-        among = [p for p in flat if any(k.startswith(OUTPUT_PARAMS) for k in p)]
-    else:
-        among = flat
-    return len({json.dumps(p.get(key), default=str) for p in among}) > 1
 
 
 def _set_name(index: int) -> str:

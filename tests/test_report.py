@@ -126,6 +126,42 @@ def test_output_distillation_params_name_only_the_rows_that_distil_outputs():
     ]
 
 
+def test_params_a_method_does_not_use_neither_split_nor_label_rows():
+    old_kd = {"adaptor_lr": 0.1}  # before adaptor_lr's null default: kd's own rate, listed
+    records = [
+        record("a", "kd", 0, 0.6, 0.4, **old_kd),
+        record("b", "kd", 1, 0.6, 0.4, adaptor_lr=None, gradnorm_alpha=3.0),
+        record("c", "url", 0, 0.6, 0.4, adaptor_lr=0.01),
+        record("d", "url", 1, 0.6, 0.4, adaptor_lr=None),
+        record("e", "ew", 0, 0.6, 0.4, adaptor_lr=0.5, kd_weights={"depth": 9.0}),
+        record("f", "ew", 1, 0.6, 0.4, adaptor_lr=None, kd_source="online"),
+        record("g", "gradnorm", 0, 0.6, 0.4, gradnorm_alpha=1.5),
+    ]
+    (only,) = teacher_sets(runs_of(records))
+    assert sorted((row.label, tuple(row.seeds)) for row in only.rows) == [
+        ("ew", (0, 1)),
+        ("gradnorm", (0,)),
+        ("kd", (0, 1)),
+        ("url", (0, 1)),
+    ]
+    # Where a method uses them, they split rows as any param does.
+    records += [
+        record("h", "kd", 2, 0.6, 0.4, adaptor_lr=0.05),
+        record("i", "gradnorm", 1, 0.6, 0.4, gradnorm_alpha=3.0),
+        record("j", "kd", 0, 0.6, 0.4, weighting="gradnorm", gradnorm_alpha=3.0),
+    ]
+    (only,) = teacher_sets(runs_of(records))
+    assert sorted((row.label, tuple(row.seeds)) for row in only.rows) == [
+        ("ew", (0, 1)),
+        ("gradnorm (student.gradnorm_alpha=1.5)", (0,)),
+        ("gradnorm (student.gradnorm_alpha=3.0)", (1,)),
+        ("kd (student.adaptor_lr=0.05)", (2,)),
+        ("kd (student.adaptor_lr=None)", (0, 1)),
+        ("kd + gradnorm (student.adaptor_lr=None, student.gradnorm_alpha=3.0)", (0,)),
+        ("url (student.adaptor_lr=None)", (0, 1)),
+    ]
+
+
 def test_runs_count_once_and_say_where_they_come_from():
     runs = runs_of(EXPERIMENTS)
     sources = sorted(run.sources for run in runs)
