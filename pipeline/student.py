@@ -416,12 +416,8 @@ def train_student(
     `replicas` (data-parallel processes), this process trains on its share of each global batch
     of `config.batch_size` and evaluates its share of the test split."""
     distil = config.method in DISTILLERS
-    if config.kd_outputs.enabled and not distil:
-        raise KdmtlError(
-            "student.kd_outputs distils the teachers' predictions beside their features: it "
-            f"needs student.method {' or '.join(DISTILLERS)}, not {config.method} (or set its "
-            "weights to 0)"
-        )
+    if refusal := config.output_distillation_refusal(DISTILLERS):
+        raise KdmtlError(refusal)
     weighting_name = config.weighting if distil else config.method
     refuse_local_gradient_weighting(weighting_name, replicas)
     replicas.batch_size(config.batch_size, "student.batch_size")  # refused unless it splits

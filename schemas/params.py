@@ -10,7 +10,7 @@ without a dot, as a string) but neither booleans nor infinities or NaN.
 """
 
 import re
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -309,6 +309,17 @@ class StudentParams(TrainParams):
         _check_known([value], weightings, "a method")
         return value
 
+    def output_distillation_refusal(self, distillers: Collection[str]) -> str | None:
+        """Why `kd_outputs` cannot apply, if it cannot: only a distillation method (one of
+        `distillers`) distils the teachers' predictions."""
+        if not self.kd_outputs.enabled or self.method in distillers:
+            return None
+        return (
+            "student.kd_outputs distils the teachers' predictions beside their features: it "
+            f"needs student.method {' or '.join(distillers)}, not {self.method} (or set its "
+            "weights to 0)"
+        )
+
     @field_validator("kd_weights")
     @classmethod
     def _known_tasks(cls, value: dict[str, float], info: ValidationInfo) -> dict[str, float]:
@@ -451,14 +462,9 @@ class Params(Contract):
         missing = [task for task in self.tasks if task not in student.kd_weights]
         if student.method in distillers and missing:
             raise ValueError(f"student.kd_weights has no weight for task {missing[0]!r}")
-        weighed = [task for task, weight in student.kd_outputs.weights.items() if weight > 0]
-        if weighed and student.method not in distillers:
-            raise ValueError(
-                "student.kd_outputs distils the teachers' predictions beside their features: it "
-                f"needs student.method {' or '.join(distillers)}, not {student.method} (or set "
-                "its weights to 0)"
-            )
-        for task in weighed:
+        if refusal := student.output_distillation_refusal(distillers):
+            raise ValueError(refusal)
+        for task in [task for task, weight in student.kd_outputs.weights.items() if weight > 0]:
             if task not in self.tasks:
                 raise ValueError(
                     f"student.kd_outputs.weights: {task!r} is not one of tasks "

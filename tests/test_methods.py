@@ -13,14 +13,19 @@ from conftest import OUTPUT_PARAMS, curve, kdmtl, write_params
 
 from pipeline.checkpoints import load_teacher
 from pipeline.distill import DISTILLERS, OutputDistiller, PaperKD, UniversalRepresentations
-from pipeline.errors import DataError
+from pipeline.errors import DataError, KdmtlError
 from pipeline.models import build_model
 from pipeline.store.features import FeatureStore
 from pipeline.store.prepared import open_prepared
-from pipeline.student import adaptor_optimizer, build_distiller, distilled_arrays
+from pipeline.student import (
+    adaptor_optimizer,
+    build_distiller,
+    distilled_arrays,
+    train_student,
+)
 from pipeline.tasks import make_tasks
 from schemas.features import ImportedTeacherRecord
-from schemas.params import StudentParams
+from schemas.params import LoaderParams, ModelParams, StudentParams
 
 TASKS = ["semseg", "depth", "normal"]
 CPU = torch.device("cpu")
@@ -241,6 +246,11 @@ def test_output_distillation_needs_a_distillation_method(outputs: Path):
         "student.kd_outputs distils the teachers' predictions beside their features: it needs "
         "student.method kd or url, not ew (or set its weights to 0)"
     ) in result.output
+    # The library refuses it the same way, for callers that pass params of their own.
+    prepared = open_prepared(outputs / "data/prepared.zarr")
+    student = StudentParams(method="ew", kd_outputs=ALL_OUTPUTS)
+    with pytest.raises(KdmtlError, match=r"needs student\.method kd or url, not ew"):
+        train_student(prepared, ["semseg", "depth"], ModelParams(), student, LoaderParams(), CPU)
     write_params(outputs, OUTPUT_PARAMS | {"student": {"kd_outputs": {"weights": {"sky": 1}}}})
     result = kdmtl("train-student")
     assert result.exit_code == 2 and "'sky' is not a task" in result.output
