@@ -51,22 +51,12 @@ class Run:
     headline: EvaluationHeadline
 
     @property
-    def flat_params(self) -> dict[str, object]:
-        """The params, flat; an adaptor rate equal to the method's own is null, as params leave
-        it now (older runs list kd's 0.1)."""
-        flat = flatten_params(self.params)
-        method = self.params.get("student", {}).get("method", "kd")
-        if method in DISTILLERS and flat.get(ADAPTOR_LR) == DISTILLERS[method].adaptor_lr:
-            flat[ADAPTOR_LR] = None
-        return flat
-
-    def uses(self, key: str) -> bool:
-        """Whether the run's method uses the flat param `key` (`unused_params`)."""
-        return not key.startswith(unused_params(self.params))
+    def compared_params(self) -> dict[str, object]:
+        return compared_params(self.params)
 
     @property
     def seed(self) -> int:
-        return int(self.flat_params.get(SEED_PARAM, 0))
+        return int(self.compared_params.get(SEED_PARAM, 0))
 
 
 def distils_outputs(params: dict) -> bool:
@@ -74,6 +64,22 @@ def distils_outputs(params: dict) -> bool:
     student = params.get("student", {})
     weights = (student.get("kd_outputs") or {}).get("weights") or {}
     return student.get("method", "kd") in DISTILLERS and any(w > 0 for w in weights.values())
+
+
+def compared_params(params: dict) -> dict[str, object]:
+    """The params, flat, that the run's method uses (`unused_params`) and that are not null (a
+    params file may leave a key out); an adaptor rate equal to the method's own is left out too,
+    as params leave it now (older runs list kd's 0.1)."""
+    method = params.get("student", {}).get("method", "kd")
+    own_rate = DISTILLERS[method].adaptor_lr if method in DISTILLERS else None
+    unused = unused_params(params)
+    return {
+        key: value
+        for key, value in flatten_params(params).items()
+        if value is not None
+        and not key.startswith(unused)
+        and not (key == ADAPTOR_LR and value == own_rate)
+    }
 
 
 def unused_params(params: dict) -> tuple[str, ...]:
@@ -153,9 +159,10 @@ def _problems(error: ValidationError) -> str:
 def runs_from_experiments(
     records: list[dict], metrics_file: str, teachers: str, with_workspace: bool = True
 ) -> tuple[list[Run], list[str]]:
-    """The evaluated runs, and notes for the reader. A run is its params and its teachers: one
-    that DVC shows in several places (the workspace and the commit it was committed as, say)
-    counts once, with every place in its sources; two with the same params and teachers but other
+    """The evaluated runs, and notes for the reader. A run is its params (`compared_params`) and
+    its teachers: one that DVC shows in several places (the workspace and the commit it was
+    committed as, say) counts once, with every place in its sources; two with the same params and
+    teachers but other
     metrics (a rerun on another machine) count once too, the first kept, and a note says so."""
     runs: dict[str, Run] = {}
     notes = []
@@ -174,7 +181,7 @@ def runs_from_experiments(
             )
             continue
         run_teachers = _teachers(headline, data.get("outs") or {}, teachers)
-        key = json.dumps([params, run_teachers], sort_keys=True, default=str)
+        key = json.dumps([compared_params(params), run_teachers], sort_keys=True, default=str)
         old = runs.get(key)
         if old is None:
             runs[key] = Run((source,), record.get("rev", ""), params, run_teachers, headline)
@@ -244,13 +251,12 @@ def teacher_sets(runs: list[Run]) -> list[TeacherSet]:
         grouped[run.teachers].append(run)
     sets = []
     for index, (teachers, members) in enumerate(grouped.items()):
-        flat = [run.flat_params for run in members]
-        keys = {k for params in flat for k in params} - LABEL_PARAMS - {SEED_PARAM}
-        # Per run, the params its method uses; one that its params file leaves out is null.
-        used = [
-            {key: params.get(key) for key in keys if run.uses(key)}
-            for run, params in zip(members, flat, strict=True)
-        ]
+        compared = [run.compared_params for run in members]
+        keys = {k for params in compared for k in params} - LABEL_PARAMS - {SEED_PARAM}
+        used = []  # per run, the params its method uses, null where its params leave them out
+        for run, params in zip(members, compared, strict=True):
+            unused = unused_params(run.params)
+            used.append({key: params.get(key) for key in keys if not key.startswith(unused)})
         varying = sorted(
             key
             for key in keys

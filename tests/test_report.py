@@ -137,7 +137,12 @@ def test_params_a_method_does_not_use_neither_split_nor_label_rows():
         record("f", "ew", 1, 0.6, 0.4, adaptor_lr=None, kd_source="online"),
         record("g", "gradnorm", 0, 0.6, 0.4, gradnorm_alpha=1.5),
     ]
-    (only,) = teacher_sets(runs_of(records))
+    # The same run before and after adaptor_lr's null default counts once, from both places.
+    records.append(record("k", "kd", 0, 0.6, 0.4, adaptor_lr=None))
+    runs = runs_of(records)
+    kd_seed_0 = [run for run in runs if run.seed == 0 and run.params["student"]["method"] == "kd"]
+    assert [run.sources for run in kd_seed_0] == [("a (a-rev-0)", "k (k-rev-0)")]
+    (only,) = teacher_sets(runs)
     assert sorted((row.label, tuple(row.seeds)) for row in only.rows) == [
         ("ew", (0, 1)),
         ("gradnorm", (0,)),
