@@ -320,7 +320,7 @@ def markdown_report(sets: list[TeacherSet]) -> str:
             for task in teachers:
                 cells += [_cell(*row.metrics[task], n), _cell(*row.deltas[task], n, 2, "+")]
             cells.append(_cell(*row.delta, n, 2, "+"))
-            cells.append(", ".join(source for run in row.runs for source in run.sources))
+            cells.append("; ".join(_places(run) for run in row.runs))
             lines.append("| " + " | ".join(cells) + " |")
         parts.append("\n".join(lines))
     note = (
@@ -329,6 +329,14 @@ def markdown_report(sets: list[TeacherSet]) -> str:
         "the tasks. Mean ± standard deviation over the seeds of a row."
     )
     return "\n\n".join([*parts, note]) + "\n"
+
+
+def _places(run: Run, shown: int = 3) -> str:
+    """Where DVC shows a run: its first places, then how many more (with `--all-commits`, every
+    commit since it was made lists it)."""
+    if len(run.sources) <= shown:
+        return ", ".join(run.sources)
+    return f"{', '.join(run.sources[: shown - 1])} and {len(run.sources) - shown + 1} more"
 
 
 def _figure(width: float, height: float):

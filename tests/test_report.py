@@ -259,13 +259,20 @@ def test_the_table_has_mean_and_std_over_seeds_and_the_teachers_row():
     # kd on teachers A: mIoU 0.6 and 0.4 (semseg delta +20, -20), abs_err 0.5 and 0.5.
     assert (
         "| kd | 0, 1 | 0.5000 ± 0.1414 | +0.00 ± 28.28 | 0.5000 ± 0.0000 | +0.00 ± 0.00 "
-        "| +0.00 ± 14.14 | main (main-re), workspace, a, d |"
+        "| +0.00 ± 14.14 | main (main-re), workspace; a, d |"
     ) in lines
     assert "| kd + uw | 2 | 0.5000 | +0.00 | 0.5000 | +0.00 | +0.00 | e |" in lines
     second = lines.index("## Teachers B (checkpoints semseg bbbb111, depth bbbb222)")
     assert lines[second + 4] == "| single-task teachers |  | 0.7000 |  | 0.3000 |  | 0 |  |"
     assert lines[second + 5].startswith("| kd | 0, 1 | 0.7500 ± 0.0707 |")
-    assert lines[second + 5].endswith("| t1, t2 |")
+    assert lines[second + 5].endswith("| t1; t2 |")
+
+
+def test_a_run_every_commit_lists_names_its_first_places_and_counts_the_rest():
+    """With --all-commits, every commit since a run was made shows it."""
+    commits = [record(f"c{i}", "kd", 0, 0.6, 0.4) for i in range(5)]
+    table = markdown_report(teacher_sets(runs_of([*commits, record("x", "kd", 1, 0.6, 0.4)])))
+    assert "| c0 (c0-rev-), c1 (c1-rev-) and 3 more; x (x-rev-0) |" in table
 
 
 @pytest.mark.parametrize(
