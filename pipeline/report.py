@@ -69,13 +69,18 @@ def distils_outputs(params: dict) -> bool:
 def compared_params(params: dict) -> dict[str, object]:
     """The params, flat, that the run's method uses (`unused_params`) and that are not null (a
     params file may leave a key out); an adaptor rate equal to the method's own is left out too,
-    as params leave it now (older runs list kd's 0.1)."""
-    method = params.get("student", {}).get("method", "kd")
+    as params leave it now (older runs list kd's 0.1). A null `student.model` is the teachers'
+    `model`, so that a wider student's row and the others name their widths."""
+    student = params.get("student", {})
+    method = student.get("method", "kd")
     own_rate = DISTILLERS[method].adaptor_lr if method in DISTILLERS else None
     unused = unused_params(params)
+    flat = flatten_params(params)
+    if not student.get("model"):
+        flat |= flatten_params(params.get("model") or {}, "student.model.")
     return {
         key: value
-        for key, value in flatten_params(params).items()
+        for key, value in flat.items()
         if value is not None
         and not key.startswith(unused)
         and not (key == ADAPTOR_LR and value == own_rate)

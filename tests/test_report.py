@@ -234,6 +234,22 @@ def test_the_same_teachers_with_other_metrics_are_another_set():
     assert only.rows[0].seeds == [0, 1]
 
 
+def test_a_student_without_a_model_of_its_own_has_the_teachers():
+    teachers = {"arch": "segnet", "filters": [16, 32]}
+    records = [
+        record("x", "kd", 0, 0.6, 0.4),  # student.model null
+        record("y", "kd", 1, 0.6, 0.4, model=teachers),
+        record("z", "kd", 0, 0.6, 0.4, model={"arch": "segnet", "filters": [24, 48]}),
+    ]
+    for each in records:
+        each["data"]["params"]["params.yaml"]["data"]["model"] = teachers
+    (only,) = teacher_sets(runs_of(records))
+    assert sorted((row.label, tuple(row.seeds)) for row in only.rows) == [
+        ("kd (student.model.filters=[16, 32])", (0, 1)),
+        ("kd (student.model.filters=[24, 48])", (0,)),
+    ]
+
+
 def test_runs_differing_in_another_param_get_rows_of_their_own():
     records = [
         record("x", "kd", 0, 0.6, 0.4),
