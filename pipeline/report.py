@@ -167,8 +167,8 @@ def runs_from_experiments(
     """The evaluated runs, and notes for the reader. A run is its params (`compared_params`) and
     its teachers: one that DVC shows in several places (the workspace and the commit it was
     committed as, say) counts once, with every place in its sources; two with the same params and
-    teachers but other
-    metrics (a rerun on another machine) count once too, the first kept, and a note says so."""
+    teachers but other metrics (a rerun on another machine) count once too, the first kept, and a
+    note says so."""
     runs: dict[str, Run] = {}
     notes = []
     for source, record in _records(records, with_workspace):
