@@ -268,7 +268,11 @@ def dask_scheduler(address: str | None) -> Iterator[None]:
 
     def connect() -> None:
         try:
-            connected["client"] = Client(address, timeout=f"{SCHEDULER_TIMEOUT}s")
+            # Not the process's default: a client left behind below must not take over dask's
+            # global config; the block sets it as current in this thread only.
+            connected["client"] = Client(
+                address, timeout=f"{SCHEDULER_TIMEOUT}s", set_as_default=False
+            )
         except BaseException as error:
             connected["error"] = error
 
@@ -289,7 +293,8 @@ def dask_scheduler(address: str | None) -> Iterator[None]:
                 f"the dask scheduler at {address} has no workers after {SCHEDULER_TIMEOUT} s: "
                 "start `dask worker ADDRESS` on each machine"
             ) from None
-        yield
+        with client.as_current():
+            yield
 
 
 def _without_worker_traceback(message: str) -> str:

@@ -7,12 +7,13 @@ import os
 import socket
 from pathlib import Path
 
+import dask
 import numpy as np
 import pytest
 import torch
 import zarr
 from conftest import OUTPUT_PARAMS, kdmtl, killed, refused, write_params
-from distributed import LocalCluster
+from distributed import LocalCluster, get_worker
 from s3fs import S3FileSystem
 
 from pipeline.store.features import FeatureStore
@@ -255,11 +256,34 @@ def test_a_scheduler_that_does_not_answer_or_has_no_workers_is_one_message(
             ("inspect", "features/depth.zarr", "--scheduler", address),
             f"cannot reach a dask scheduler at {address} (no answer in 6 s)",
         )
+        # The client it left connecting does not make dask's work of this process go to it.
+        assert dask.config.get("scheduler", None) is None
     with LocalCluster(n_workers=0, processes=False, dashboard_address=None) as empty:
         refused(
             ("verify", "features/depth.zarr", "--scheduler", empty.scheduler_address),
             f"the dask scheduler at {empty.scheduler_address} has no workers after 1 s",
         )
+    assert dask.config.get("scheduler", None) is None
+    assert dask.compute(dask.delayed(sum)([1, 2])) == (3,)
+
+
+def test_dask_work_runs_on_the_cluster_within_the_block_and_here_after_it():
+    def where() -> str:
+        try:
+            return get_worker().address
+        except ValueError:  # not on a worker
+            return "here"
+
+    with (
+        LocalCluster(
+            n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
+        ) as local,
+        common.dask_scheduler(local.scheduler_address),
+    ):
+        (worker,) = local.workers.values()
+        assert dask.compute(dask.delayed(where)()) == (worker.address,)
+    assert dask.config.get("scheduler", None) is None
+    assert dask.compute(dask.delayed(where)()) == ("here",)
 
 
 def test_a_local_path_written_as_a_file_url_is_a_local_path(tmp_path: Path):
