@@ -47,13 +47,20 @@ def parse_shard_of(value: str | None) -> tuple[int, int]:
     help="Extract part I of N (0-based) of the shards, with N processes sharing the store; "
     "defaults to RANK/WORLD_SIZE under torchrun.",
 )
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Also compare each written shard's sha256 with its record, and write again those that "
+    "differ: mends a shard whose bytes were damaged in place (a full read of the store).",
+)
 @params_option
 @user_errors
-def command(task: str, shard_of: str | None, params: Params) -> None:
+def command(task: str, shard_of: str | None, check: bool, params: Params) -> None:
     """Run a teacher (trained or imported) once over the training data and cache its features in
     features/TASK.zarr.
 
-    Resumes a killed run from its completed shards."""
+    Resumes a killed run from its completed shards, and writes again any shard whose files are
+    missing or of another size than written (with --check, of other bytes)."""
     choose_task(task, params)
     part, parts = parse_shard_of(shard_of)
     prepared = open_prepared(prepared_path(params))
@@ -75,14 +82,18 @@ def command(task: str, shard_of: str | None, params: Params) -> None:
     inputs = {"paths.prepared": prepared.path, **teacher.files}
     store = open_or_create(path, manifest, params.features, parts == 1, inputs)
     shards = assign_shards(manifest.num_shards, part, parts)
-    stats = extract(network, prepared, store, shards, params.features.batch_size, device)
+    stats = extract(
+        network, prepared, store, shards, params.features.batch_size, device, check=check
+    )
     complete = store.mark_complete_if_all_done()
     state = (
         "the store is complete"
         if complete
         else f"{len(store.done_shards())} of {manifest.num_shards} shards are written so far"
     )
+    mended = f", {stats.damaged} of them damaged before" if stats.damaged else ""
     click.echo(
-        f"{path}: wrote {stats.shards} shards ({stats.samples} samples x {manifest.views.views} "
-        f"views, {stats.raw_bytes / 1e6:.1f} MB raw) in {stats.seconds:.1f} s; {state}"
+        f"{path}: wrote {stats.shards} shards{mended} ({stats.samples} samples x "
+        f"{manifest.views.views} views, {stats.raw_bytes / 1e6:.1f} MB raw) in "
+        f"{stats.seconds:.1f} s; {state}"
     )

@@ -28,6 +28,7 @@ def verify_prepared(path: UPath, report: Verification) -> None:
     manifest = read_manifest(path, PreparedManifest, "prepared dataset", "run `kdmtl prepare`")
     problems = PreparedStore(path, manifest).problems(full=True)
     report.problems += problems
+    report.remedy = "run `kdmtl prepare` again"
     if not problems:
         files = sum(len(a.chunk_files) for s in manifest.splits.values() for a in s.arrays.values())
         report.checked.append(f"every array matches the manifest; {files} chunk files as written")
@@ -60,16 +61,24 @@ def verify_features(path: UPath, checks: int, params: Params, report: Verificati
         report.checked.append(f"complete: {done} of {manifest.num_shards} shards written")
     else:
         report.problems.append(f"incomplete: {done} of {manifest.num_shards} shards written")
+    # A stale or unfinished store, or shard files missing or of another size: extraction
+    # remakes or resumes it.
+    report.remedy = features.remedy
     damage = features.problems(full=True)
     report.problems += damage
     if damage:
+        if not features.problems():  # sizes as written: only the sha256 finds the damage
+            report.remedy = features.damaged_shard_remedy
         return  # reading on would decode what is known to be damaged
     report.checked.append(f"every array matches the manifest; {done} shards' files as written")
+    found = len(report.problems)
     damaged = read_every_chunk(features, report)
     if not stale:
         teacher = current_teacher(params, manifest.task, prepared)
         device = resolve_device(params.device)
         recompute(features, teacher.network, prepared, checks, device, report, skip=damaged)
+    if len(report.problems) > found:  # wrong when written: no resume would write it again
+        report.remedy = f"delete {path}, then {features.remedy}"
 
 
 @click.command("verify")
@@ -110,5 +119,6 @@ def command(store: UPath, checks: int, scheduler: str | None, params: Params) ->
     for line in report.problems:
         click.echo(f"  PROBLEM: {line}", err=True)
     if report.problems:
+        click.echo(f"  to mend it: {report.remedy}", err=True)
         raise click.exceptions.Exit(1)
     click.echo("verified")

@@ -182,6 +182,11 @@ def test_verify_catches_int8_values_off_by_more_than_a_step(project: Path):
     assert "PROBLEM: decoder differs from the teacher's recomputed features: absolute error" in (
         result.output
     )
+    # Its files are as recorded: no resume would write it again.
+    assert result.output.rstrip().endswith(
+        "to mend it: delete features/depth.zarr, then extract the features again "
+        "(`kdmtl extract-features --teacher depth`)"
+    )
 
 
 def test_a_store_without_an_encoding_in_its_manifest_is_refused(project: Path):
@@ -384,6 +389,7 @@ def test_a_corrupted_chunk_fails_verify_and_inspect(project: Path):
     inspected = kdmtl("inspect", str(STORE))
     assert inspected.exit_code == 2
     assert "cannot read features/depth.zarr/train/decoder" in inspected.output
+    assert "(`kdmtl extract-features --teacher depth --check`)" in inspected.output
 
 
 def test_verify_names_a_stale_teacher_and_stale_data(project: Path):

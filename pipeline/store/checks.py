@@ -57,7 +57,8 @@ def summarize(store: FeatureStore) -> dict:
         mean = x.mean(axis=axes, dtype="f8")
         square = (x.astype("f8") ** 2).mean(axis=axes)
         zeros, nans, infs = (x == 0).sum(), da.isnan(x).sum(), da.isinf(x).sum()
-        with reading(store.path / SPLIT / name, "`kdmtl verify` names the damaged shards"):
+        damaged = f"{store.damaged_shard_remedy}; `kdmtl verify` names them"
+        with reading(store.path / SPLIT / name, damaged):
             mean, square, zeros, nans, infs = dask.compute(mean, square, zeros, nans, infs)
         std = np.sqrt(np.maximum(square - mean**2, 0))
         raw = int(np.prod(x.shape)) * 4
@@ -92,6 +93,7 @@ def _spread(values: np.ndarray) -> dict[str, float]:
 class Verification:
     checked: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    remedy: str = ""  # what mends the problems found
 
 
 def _read_shard(array: zarr.Array, name: str, start: int, stop: int) -> tuple[bool, str | None]:

@@ -38,6 +38,7 @@ def feature_shapes(teacher: nn.Module, height: int, width: int) -> dict[str, tup
 @dataclass
 class ExtractionStats:
     shards: int
+    damaged: int  # of those, shards written before whose files were not as recorded
     samples: int
     raw_bytes: int
     seconds: float
@@ -179,14 +180,18 @@ def extract(
     batch_size: int,
     device: torch.device,
     progress: bool = True,
+    check: bool = False,
 ) -> ExtractionStats:
     """Run the teacher over `shards` of the prepared train split and write their features.
 
     Shards already written, with their files as recorded, are skipped, so a killed run continues
-    where it stopped."""
-    recorded = store.shard_problems()  # per recorded shard, how its files differ from the record
+    where it stopped. Files are compared with their records by presence and size; with `check`,
+    by sha256 too, which reads every written shard but finds a shard damaged in place."""
+    # per recorded shard, how its files differ from the record
+    recorded = store.shard_problems(full=check, shards=shards)
     todo = sorted(set(shards) - {shard for shard, problems in recorded.items() if not problems})
-    for shard in set(todo) & recorded.keys():
+    damaged = set(todo) & recorded.keys()
+    for shard in damaged:
         store.forget(shard)  # not done until written again, whatever happens meanwhile
     total = sum(stop - start for start, stop in map(store.shard_range, todo))
     teacher = teacher.to(device).eval()
@@ -243,5 +248,5 @@ def extract(
     finally:
         bar.close()
     return ExtractionStats(
-        len(todo), written["samples"], written["bytes"], time.perf_counter() - started
+        len(todo), len(damaged), written["samples"], written["bytes"], time.perf_counter() - started
     )

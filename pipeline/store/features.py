@@ -255,6 +255,13 @@ class FeatureStore:
         task = self.manifest.task
         return f"extract the features again (`kdmtl extract-features --teacher {task}`)"
 
+    @property
+    def damaged_shard_remedy(self) -> str:
+        """For a shard file of the recorded size whose bytes are not those written: a plain
+        resume checks sizes only, so it would keep the shard."""
+        task = self.manifest.task
+        return f"write its damaged shards again (`kdmtl extract-features --teacher {task} --check`)"
+
     def array(self, name: str, mode: str = "r+") -> zarr.Array:
         with reading(self.path / SPLIT / name / "zarr.json", self.remedy):
             array = zarr.open_array(
@@ -295,14 +302,16 @@ class FeatureStore:
             files[name] = functools.partial(chunk_file, folder, array)
         return files
 
-    def shard_problems(self, full: bool = False) -> dict[int, list[str]]:
-        """Per written shard, what differs in its files from their records: presence and size
-        (with `full`, the sha256 as well)."""
+    def shard_problems(
+        self, full: bool = False, shards: Collection[int] | None = None
+    ) -> dict[int, list[str]]:
+        """Per written shard (of `shards`, default all), what differs in its files from their
+        records: presence and size (with `full`, the sha256 as well)."""
         files = self.shard_files()
         recorded = [
             (shard, (files[name](shard), record))
             for shard, records in self.shard_records().items()
-            if records is not None
+            if records is not None and (shards is None or shard in shards)
             for name, record in records.items()
         ]
         found = {shard: [] for shard, _ in recorded}
@@ -440,7 +449,7 @@ class FeatureChunks:
         return self.__dict__ | {"_arrays": None, "_small": {}}
 
     def read_chunk(self, chunk: int, epoch: int = 0) -> dict[str, np.ndarray]:
-        remedy = f"the store is damaged: {self.store.remedy}"
+        remedy = f"the store is damaged: {self.store.damaged_shard_remedy}"
         if self._arrays is None:
             for name in ("sample_id", "views"):
                 with reading(self.store.path / SPLIT / name, remedy):

@@ -37,11 +37,14 @@ def write_manifest(path: UPath, manifest: BaseModel) -> None:
 def read_manifest(path: UPath, schema: type[M], what: str, remedy: str) -> M:
     """The validated manifest of a kdmtl Zarr store, or a DataError saying what to run."""
     path = UPath(path)
+    # kdmtl cannot tell a store whose zarr.json is missing or unreadable from someone's folder,
+    # so it will not replace it: the person deletes it.
+    damaged_remedy = f"if it is a damaged kdmtl store, delete it, then {remedy}"
     if not (path / "zarr.json").is_file():
+        if path.is_dir() and any(path.iterdir()):
+            raise DataError(f"no {what} at {path} (the folder has no zarr.json): {damaged_remedy}")
         raise DataError(f"no {what} at {path}: {remedy}")
-    # kdmtl cannot tell a store whose zarr.json is unreadable from someone's folder, so it will
-    # not replace it: the person deletes it.
-    with reading(path / "zarr.json", f"if it is a damaged kdmtl store, delete it, then {remedy}"):
+    with reading(path / "zarr.json", damaged_remedy):
         attrs = zarr.open_group(zarr_location(path), mode="r", zarr_format=3).attrs.asdict()
     if MANIFEST_KEY not in attrs:
         raise DataError(f"{path} has no kdmtl manifest (incomplete?): {remedy}")

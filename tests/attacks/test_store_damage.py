@@ -5,9 +5,12 @@ read a missing chunk as zeros, never a traceback), and `kdmtl verify` must name 
 """
 
 import json
+import shlex
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from conftest import kdmtl, write_params
@@ -62,6 +65,15 @@ CASES = [
 ]
 READERS = {PREPARED: ("train-teacher", "--teacher", "depth"), FEATURES: ("train-student",)}
 REMEDIES = {PREPARED: "`kdmtl prepare`", FEATURES: "`kdmtl extract-features --teacher depth`"}
+# A shard file of its recorded size: a resume that checks sizes would keep it.
+SHARD_FILES = {
+    FEATURE_FILES[f"{kind} shard"] for kind in ("bottleneck", "decoder", "sample ids", "views")
+}
+IN_PLACE_REMEDY = "`kdmtl extract-features --teacher depth --check`"
+
+
+def remedy(store: str, file: str, damage: Callable) -> str:
+    return IN_PLACE_REMEDY if damage is flip and file in SHARD_FILES else REMEDIES[store]
 
 
 def one_error_line(output: str) -> str:
@@ -76,11 +88,12 @@ def test_corrupt_store_file_is_caught_by_its_reader_and_by_verify(
     outputs: Path, store: str, file: str, damage: Callable
 ):
     damage(outputs / store / file)
+    expected = remedy(store, file, damage)
 
     read = kdmtl(*READERS[store])
     assert read.exit_code == 2, read.output
-    line = one_error_line(read.output)
-    assert store in line and REMEDIES[store] in line
+    refusal = one_error_line(read.output)
+    assert store in refusal and expected in refusal
 
     verified = kdmtl("verify", store)
     assert verified.exit_code in (1, 2), verified.output
@@ -88,9 +101,19 @@ def test_corrupt_store_file_is_caught_by_its_reader_and_by_verify(
     if verified.exit_code == 1:
         assert "PROBLEM: " in verified.output
         assert store in verified.output
+        last = verified.output.rstrip().splitlines()[-1]
+        assert last.startswith("  to mend it: ") and expected in last
     else:
         line = one_error_line(verified.output)
         assert store in line and ("`kdmtl prepare" in line or "`kdmtl extract-features" in line)
+
+    # The remedy named mends it.
+    if "if it is a damaged kdmtl store, delete it, then" in refusal:
+        shutil.rmtree(outputs / store)
+    mended = kdmtl(*shlex.split(expected.strip("`"))[1:])
+    assert mended.exit_code == 0, mended.output
+    verified = kdmtl("verify", store)
+    assert verified.exit_code == 0, verified.output
 
 
 @pytest.mark.guard
@@ -137,8 +160,31 @@ def test_extraction_rewrites_a_damaged_shard_of_a_complete_store(outputs: Path):
     delete(outputs / FEATURES / FEATURE_FILES["decoder shard"])
     result = kdmtl("extract-features", "--teacher", "depth")
     assert result.exit_code == 0, result.output
-    assert "wrote 1 shards" in result.output
+    assert "wrote 1 shards, 1 of them damaged before (12 samples" in result.output
     assert kdmtl("verify", FEATURES).exit_code == 0
+
+
+def test_a_shard_damaged_in_place_is_written_again_with_check_as_it_was(outputs: Path):
+    import zarr
+
+    decoder = outputs / FEATURES / "train/decoder"
+    before = zarr.open_array(decoder, mode="r")[:]
+    flip(outputs / FEATURES / FEATURE_FILES["decoder shard"])
+    # Its size is as recorded: a plain resume keeps it, and the store stays damaged.
+    result = kdmtl("extract-features", "--teacher", "depth")
+    assert result.exit_code == 0 and "wrote 0 shards" in result.output, result.output
+    verified = kdmtl("verify", FEATURES)
+    assert verified.exit_code == 1
+    assert "decoder/c/0/0/0/0/0 differs from what was written (sha256)" in verified.output
+    assert f"to mend it: write its damaged shards again ({IN_PLACE_REMEDY})" in verified.output
+    result = kdmtl("extract-features", "--teacher", "depth", "--check")
+    assert result.exit_code == 0, result.output
+    assert "wrote 1 shards, 1 of them damaged before (12 samples" in result.output
+    assert kdmtl("verify", FEATURES).exit_code == 0
+    np.testing.assert_array_equal(zarr.open_array(decoder, mode="r")[:], before)
+    # On an intact store, --check reads every shard and writes none.
+    result = kdmtl("extract-features", "--teacher", "depth", "--check")
+    assert result.exit_code == 0 and "wrote 0 shards (0 samples" in result.output, result.output
 
 
 def test_corrupt_test_chunk_is_caught_by_evaluate(outputs: Path):
