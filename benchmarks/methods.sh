@@ -5,12 +5,16 @@
 #
 #     benchmarks/methods.sh                          # every row below, seeds 0 1 2, params' epochs
 #     STUDENT_EPOCHS=8 benchmarks/methods.sh         # a shorter student schedule, for every row
-#     METHODS="kd url" MTAN_METHODS="" SEEDS="0 1" benchmarks/methods.sh
+#     METHODS="kd url" MTAN_METHODS="" WIDE_METHODS="" SEEDS="0 1" benchmarks/methods.sh
 #
 # A method is a `student.method` (kd, url, ew, dwa, uw, gradnorm, mgda); METHOD+outputs adds the
-# distillation of the teachers' predictions with the weights of OUTPUTS below. Run from the
-# repository root after `dvc repro` and a commit of its outputs, with nothing else changed: the
-# SegNet experiments rerun only train_student and evaluate. DVC does not restore stages with
+# distillation of the teachers' predictions with the weights of OUTPUTS below. WIDE_METHODS run
+# with a SegNet student wider than its teachers (WIDE_FILTERS channels per level) at the params'
+# epochs, whatever STUDENT_EPOCHS says: the row above the teachers, and its control without
+# distillation (about 14 minutes each on 2 cores).
+#
+# Run from the repository root after `dvc repro` and a commit of its outputs, with nothing else
+# changed: the SegNet experiments rerun only train_student and evaluate. DVC does not restore stages with
 # persistent outputs from its run cache, so each MTAN experiment queued from the commit would
 # train the three MTAN teachers again (about 30 minutes on 2 cores): the first MTAN row runs in
 # the workspace and trains them, the others are queued from its outputs, and the workspace then
@@ -19,6 +23,8 @@ set -euo pipefail
 
 methods=${METHODS:-kd ew dwa uw gradnorm mgda url kd+outputs url+outputs}
 mtan_methods=${MTAN_METHODS:-ew kd url}
+wide_methods=${WIDE_METHODS:-kd ew}
+wide_filters=${WIDE_FILTERS:-24,48,96,192}
 seeds=${SEEDS:-0 1 2}
 outputs=(
   -S student.kd_outputs.weights.semseg=1.0
@@ -43,6 +49,11 @@ run_args() {  # run_args ARCH METHOD SEED: the -S options of one experiment
   fi
 }
 
+wide_args() {  # wide_args METHOD SEED: a wider SegNet student, at the params' epochs
+  args=(-S "model.arch=segnet" -S "student.model={arch:segnet,filters:[$wide_filters]}"
+    -S "student.method=$1" -S "student.seed=$2")
+}
+
 run_all() {
   local started
   started=$(date +%s)
@@ -53,6 +64,10 @@ run_all() {
 for seed in $seeds; do  # seed by seed: a sweep stopped early has every row for its first seeds
   for method in $methods; do
     run_args segnet "$method" "$seed"
+    dvc exp run --queue "${args[@]}"
+  done
+  for method in $wide_methods; do
+    wide_args "$method" "$seed"
     dvc exp run --queue "${args[@]}"
   done
 done
