@@ -82,6 +82,8 @@ def command(task: str, shard_of: str | None, check: bool, params: Params) -> Non
     inputs = {"paths.prepared": prepared.path, **teacher.files}
     store = open_or_create(path, manifest, params.features, parts == 1, inputs)
     shards = assign_shards(manifest.num_shards, part, parts)
+    if check:
+        click.echo(f"{path}: comparing the written shards' sha256 with their records", err=True)
     stats = extract(
         network, prepared, store, shards, params.features.batch_size, device, check=check
     )
