@@ -67,7 +67,7 @@ def verify_features(path: UPath, checks: int, params: Params, report: Verificati
     damage = features.problems(full=True)
     report.problems += damage
     if damage:
-        if not features.problems():  # sizes as written: only the sha256 finds the damage
+        if set(damage) - set(features.problems()):  # found by the sha256 alone: in place
             report.remedy = features.damaged_shard_remedy
         return  # reading on would decode what is known to be damaged
     report.checked.append(f"every array matches the manifest; {done} shards' files as written")

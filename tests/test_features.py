@@ -392,6 +392,28 @@ def test_a_corrupted_chunk_fails_verify_and_inspect(project: Path):
     assert "(`kdmtl extract-features --teacher depth --check`)" in inspected.output
 
 
+def test_shards_damaged_in_place_and_missing_are_mended_by_one_checked_extraction(project: Path):
+    extract()
+    decoder = zarr.open_array(project / STORE / "train" / "decoder", mode="r")[:]
+    corrupt(project / STORE / "train" / "decoder" / "c" / "1" / "0" / "0" / "0" / "0")
+    (project / STORE / "train" / "bottleneck" / "c" / "2" / "0" / "0" / "0" / "0").unlink()
+    result = kdmtl("verify", str(STORE))
+    assert result.exit_code == 1
+    assert "features/depth.zarr/train/bottleneck/c/2/0/0/0/0 is missing" in result.output
+    assert "features/depth.zarr/train/decoder/c/1/0/0/0/0 differs from what" in result.output
+    assert result.output.rstrip().endswith(
+        "to mend it: write its damaged shards again "
+        "(`kdmtl extract-features --teacher depth --check`)"
+    )
+    result = kdmtl("extract-features", "--teacher", "depth", "--check")
+    assert result.exit_code == 0, result.output
+    assert "wrote 2 shards, 2 of them damaged before (8 samples" in result.output
+    assert kdmtl("verify", str(STORE)).exit_code == 0
+    np.testing.assert_array_equal(
+        zarr.open_array(project / STORE / "train" / "decoder", mode="r")[:], decoder
+    )
+
+
 def test_verify_names_a_stale_teacher_and_stale_data(project: Path):
     extract()
     _, metadata = load_checkpoint(project / "models/teachers/depth.pt", TeacherMetadata)
