@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -440,6 +441,23 @@ def test_extraction_replaces_a_store_of_another_teacher(project: Path):
     assert "holds other features (task: 'semseg' (wanted 'depth'))" in refused.output
     extract()
     assert FeatureStore.open(project / STORE).manifest.task == "depth"
+
+
+def test_a_process_of_several_refuses_a_damaged_store_and_one_process_remakes_it(
+    project: Path,
+):
+    extract()
+    (project / STORE / "train" / "decoder" / "zarr.json").write_bytes(b"")
+    started = time.monotonic()
+    refused = kdmtl("extract-features", "--teacher", "depth", "--shard-of", "0/2")
+    assert time.monotonic() - started < 30  # a local store is never waited for
+    assert refused.exit_code == 2
+    assert "feature store features/depth.zarr is damaged: " in refused.output
+    assert "decoder/zarr.json" in refused.output and "after waiting" not in refused.output
+    assert "extract with one process, without --shard-of, which makes it anew" in refused.output
+    assert (project / STORE / "train" / "decoder" / "zarr.json").read_bytes() == b""
+    extract()
+    assert kdmtl("verify", str(STORE)).exit_code == 0
 
 
 def test_unknown_teacher_missing_checkpoint_and_missing_data(project: Path):

@@ -5,6 +5,8 @@ and `inspect` and `verify` on a dask.distributed cluster."""
 import json
 import os
 import socket
+import threading
+import time
 from pathlib import Path
 
 import dask
@@ -16,6 +18,7 @@ from conftest import OUTPUT_PARAMS, kdmtl, killed, refused, write_params
 from distributed import LocalCluster, get_worker
 from s3fs import S3FileSystem
 
+from pipeline.store import features
 from pipeline.store.features import FeatureStore
 from pipeline.store.location import store_path
 from pipeline.store.prepared import open_prepared
@@ -169,6 +172,49 @@ def test_an_extraction_to_s3_resumes_after_a_kill_and_mends_damage(outputs: Path
     assert result.exit_code == 0
     assert "wrote 2 shards, 2 of them damaged before (8 samples" in result.output
     assert kdmtl("verify", url).exit_code == 0
+
+
+def test_a_process_of_several_waits_for_a_store_another_is_copying_into_s3(
+    outputs: Path, s3_bucket: str, monkeypatch
+):
+    """Object storage has no rename: the store another --shard-of process made is copied into
+    place, its manifest first. Found halfway, it is waited for, not refused or deleted."""
+    on_s3(s3_bucket, prepared=False)
+    assert kdmtl("extract-features", "--teacher", "depth").exit_code == 0
+    store, made = store_path(f"{s3_bucket}/features/depth.zarr"), f"{s3_bucket}/made"
+    fs, names = store.fs, objects(str(store))
+    fs.copy([f"{store.path}/{n}" for n in names], [f"{made[5:]}/{n}" for n in names])
+
+    def copying_into_place() -> threading.Thread:
+        """The manifest is in place; the thread copies the rest when started."""
+        fs.rm(store.path, recursive=True)
+        fs.copy(f"{made[5:]}/zarr.json", f"{store.path}/zarr.json")
+        rest = [n for n in names if n != "zarr.json"]
+
+        def copy_rest() -> None:
+            time.sleep(3)
+            fs.copy([f"{made[5:]}/{n}" for n in rest], [f"{store.path}/{n}" for n in rest])
+
+        return threading.Thread(target=copy_rest)
+
+    copy = copying_into_place()
+    copy.start()
+    result = kdmtl("extract-features", "--teacher", "depth", "--shard-of", "0/2")
+    copy.join()
+    assert result.exit_code == 0, result.output
+    assert "wrote 0 shards" in result.output and "the store is complete" in result.output
+    assert kdmtl("verify", str(store)).exit_code == 0
+    # A copy that never ends (its process killed) is refused after the wait, and left alone.
+    monkeypatch.setattr(features, "SHARED_STORE_WAIT_S", 2.0)
+    copying_into_place()
+    refused(
+        ("extract-features", "--teacher", "depth", "--shard-of", "1/2"),
+        f"feature store {store} (still, after waiting 2 s for another process's copy) is damaged: ",
+        "extract with one process, without --shard-of, which makes it anew",
+    )
+    assert objects(str(store)) == ["zarr.json"]
+    result = kdmtl("extract-features", "--teacher", "depth")
+    assert result.exit_code == 0 and "wrote 1 shards (12 samples" in result.output, result.output
 
 
 def test_an_interrupted_copy_into_s3_is_refused_then_replaced(outputs: Path, s3_bucket):

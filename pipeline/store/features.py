@@ -23,6 +23,7 @@ file's size when they open a store; `kdmtl verify` checks their digests.
 
 import functools
 import re
+import time
 import warnings
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
@@ -67,6 +68,9 @@ BLOSC_BLOCK_BYTES = 1 << 18  # larger than Blosc's default: a better ratio, and 
 WRITE_EVERY_CHUNK = {"write_empty_chunks": True}
 # zarr writes each file to NAME.<uuid4 hex>.partial, then renames it: a kill leaves that file.
 ZARR_PARTIAL = re.compile(r".+\.[0-9a-f]{32}\.partial")
+# Object storage has no rename: a store is copied into place, its manifest first. Another
+# --shard-of process may find it with the same manifest and its arrays still arriving.
+SHARED_STORE_WAIT_S = 60.0
 
 
 def feature_codecs(config: FeatureParams) -> tuple[list, list]:
@@ -485,25 +489,50 @@ def open_or_create(
         remove_leftovers(path)
     if not path.exists():
         return FeatureStore.create(path, manifest, config)
-    try:
-        store = FeatureStore.open(path)
-        # Resuming rewrites damaged shards, but not damaged metadata: that store is made anew.
-        differences = _differences(store.manifest, manifest) or store.layout_problems()
-    except DataError as error:
-        store, differences = None, [str(error)]
-    if not differences:
+    store, other, damage = _resumable(path, manifest)
+    wait_for_copy = bool(damage) and not other and not may_reset and not is_local(path)
+    if wait_for_copy:
+        deadline = time.monotonic() + SHARED_STORE_WAIT_S
+        while damage and not other and time.monotonic() < deadline:
+            time.sleep(1.0)
+            store, other, damage = _resumable(path, manifest)
+    if not other and not damage:
         if may_reset:
             for unfinished in path.rglob("*.partial"):
                 if ZARR_PARTIAL.fullmatch(unfinished.name):
                     unfinished.unlink()
         return store
     if not may_reset:
-        raise DataError(
-            f"{path} holds other features ({'; '.join(differences)}); remove it, or extract "
-            "with one process, before extracting with --shard-of"
+        if other:
+            raise DataError(
+                f"{path} holds other features ({'; '.join(other)}); remove it, or extract with "
+                "one process, before extracting with --shard-of"
+            )
+        still = (
+            f" (still, after waiting {SHARED_STORE_WAIT_S:.0f} s for another process's copy)"
+            if wait_for_copy
+            else ""
+        )
+        refuse_damage(
+            f"feature store {path}{still}",
+            damage,
+            "extract with one process, without --shard-of, which makes it anew",
         )
     remove_tree(path)
     return FeatureStore.create(path, manifest, config)
+
+
+def _resumable(
+    path: UPath, manifest: FeatureManifest
+) -> tuple[FeatureStore | None, list[str], list[str]]:
+    """The store at `path`, what makes its content other than `manifest`, and what damage in
+    its metadata stops a resume (resuming rewrites damaged shards, not damaged metadata)."""
+    try:
+        store = FeatureStore.open(path)
+    except DataError as error:
+        return None, [str(error)], []
+    other = _differences(store.manifest, manifest)
+    return store, other, [] if other else store.layout_problems()
 
 
 def assign_shards(num_shards: int, part: int, parts: int) -> list[int]:
