@@ -79,7 +79,11 @@ def extra_convs(level: int) -> int:
 
 
 def init_weights(module: nn.Module) -> None:
-    """Xavier-normal convolutions with zero bias, unit BatchNorm, as the official code does."""
+    """Xavier-normal convolutions with zero bias, unit BatchNorm, as the official code does.
+    Not on the meta device: it holds no values, and a random fill there imports torch's compiler
+    (seconds, at every command that checks a checkpoint)."""
+    if any(parameter.is_meta for parameter in module.parameters()):
+        return
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.xavier_normal_(m.weight)
