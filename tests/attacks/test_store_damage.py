@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+import zarr
 from conftest import kdmtl, write_params
 
 
@@ -165,8 +166,6 @@ def test_extraction_rewrites_a_damaged_shard_of_a_complete_store(outputs: Path):
 
 
 def test_a_shard_damaged_in_place_is_written_again_with_check_as_it_was(outputs: Path):
-    import zarr
-
     decoder = outputs / FEATURES / "train/decoder"
     before = zarr.open_array(decoder, mode="r")[:]
     flip(outputs / FEATURES / FEATURE_FILES["decoder shard"])
