@@ -181,19 +181,20 @@ def test_a_process_of_several_waits_for_a_store_another_is_copying_into_s3(
     place, its manifest first. Found halfway, it is waited for, not refused or deleted."""
     on_s3(s3_bucket, prepared=False)
     assert kdmtl("extract-features", "--teacher", "depth").exit_code == 0
-    store, made = store_path(f"{s3_bucket}/features/depth.zarr"), f"{s3_bucket}/made"
+    store = store_path(f"{s3_bucket}/features/depth.zarr")
+    made = store_path(f"{s3_bucket}/made").path  # where the other process built it
     fs, names = store.fs, objects(str(store))
-    fs.copy([f"{store.path}/{n}" for n in names], [f"{made[5:]}/{n}" for n in names])
+    fs.copy([f"{store.path}/{n}" for n in names], [f"{made}/{n}" for n in names])
 
     def copying_into_place() -> threading.Thread:
         """The manifest is in place; the thread copies the rest when started."""
         fs.rm(store.path, recursive=True)
-        fs.copy(f"{made[5:]}/zarr.json", f"{store.path}/zarr.json")
+        fs.copy(f"{made}/zarr.json", f"{store.path}/zarr.json")
         rest = [n for n in names if n != "zarr.json"]
 
         def copy_rest() -> None:
             time.sleep(3)
-            fs.copy([f"{made[5:]}/{n}" for n in rest], [f"{store.path}/{n}" for n in rest])
+            fs.copy([f"{made}/{n}" for n in rest], [f"{store.path}/{n}" for n in rest])
 
         return threading.Thread(target=copy_rest)
 
